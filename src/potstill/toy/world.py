@@ -1,0 +1,234 @@
+"""The toy world: teachers trained on the CPU for the arithmetic task, and a smaller student.
+
+Every model is a tiny Llama saved in Hugging Face format with its tokenizer, so the teacher
+service and the trainer load it with `AutoModelForCausalLM.from_pretrained`. Builds are cached:
+`cache_dir/<name>` is reused when its marker file, written last, records the same spec and seed.
+A teacher learns by plain supervised training on `prompt + completion + EOS` with the loss on the
+completion tokens only; the student is left untrained, for distillation to teach.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from potstill.toy.arithmetic import make_rows
+from potstill.toy.models import build_tiny_model
+from trainer_client.verifiers import Verifier, get_verifier
+
+MARKER = "potstill-toy.json"  # written last: its presence means the folder is complete
+IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a toy teacher is trained on, its size and its training budget."""
+
+    description: str
+    ops: tuple[str, ...] = ("+", "-")
+    digits: int = 2
+    wrong_rate: float = 0.0  # the share of training completions with a wrong answer
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    train_rows: int = 20_000
+
+
+TEACHER_SPECS: dict[str, TeacherSpec] = {
+    "arith": TeacherSpec("the main teacher: 2-digit addition and subtraction"),
+    "add-only": TeacherSpec("a specialist trained on addition only", ops=("+",)),
+    "sub-only": TeacherSpec("a specialist trained on subtraction only", ops=("-",)),
+    "noisy": TeacherSpec(
+        "trained on add+sub data whose answers are wrong 30% of the time", wrong_rate=0.3
+    ),
+}
+
+# Smaller than every teacher: distillation has a gap to close.
+STUDENT_CONFIG = {"hidden_size": 64, "layers": 2, "heads": 4}
+
+
+def build_teacher(name: str, cache_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """Train the teacher `TEACHER_SPECS[name]` (fields replaced by `overrides`); returns its folder.
+
+    Reuses `cache_dir/name` when a previous build with the same spec and seed completed there.
+    """
+    if name not in TEACHER_SPECS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHER_SPECS)}")
+    spec = replace(TEACHER_SPECS[name], **overrides)
+    path = Path(cache_dir) / name
+    recipe = {"teacher": name, "seed": seed, **asdict(spec)}
+    if _is_cached(path, recipe):
+        return path
+    _start_fresh(path)
+    build_tiny_model(path, seed, hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads)
+    model, tokenizer = load(path)
+    rows = make_rows(spec.train_rows, seed, spec.ops, spec.digits, "train", spec.wrong_rate)
+    losses = train_supervised(model, tokenizer, rows, spec.steps, spec.batch_size, spec.lr, seed)
+    model.save_pretrained(path)
+    _write_marker(path, {**recipe, "final_loss": sum(losses[-50:]) / len(losses[-50:])})
+    return path
+
+
+def build_student(cache_dir: str | Path, seed: int = 0) -> Path:
+    """Save the randomly initialised student (`STUDENT_CONFIG`) under `cache_dir/student`."""
+    path = Path(cache_dir) / "student"
+    recipe = {"student": STUDENT_CONFIG, "seed": seed}
+    if not _is_cached(path, recipe):
+        _start_fresh(path)
+        build_tiny_model(path, seed, **STUDENT_CONFIG)
+        _write_marker(path, recipe)
+    return path
+
+
+def load(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (float32, CPU) and tokenizer saved under `path`."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def _is_cached(path: Path, recipe: dict) -> bool:
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())
+    return all(recorded.get(key) == _as_json(value) for key, value in recipe.items())
+
+
+def _as_json(value):
+    """The value as it reads back from JSON (tuples become lists), for comparing recipes."""
+    return json.loads(json.dumps(value))
+
+
+def _start_fresh(path: Path) -> None:
+    """Remove an incomplete or outdated build before writing a new one."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _write_marker(path: Path, recipe: dict) -> None:
+    (path / MARKER).write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def encode_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `labels` [n, max_len] for `prompt + completion + EOS`.
+
+    Prompt and completion are tokenized separately and concatenated (as the teacher service does
+    when scoring), right-padded; labels keep only the completion and EOS.
+    """
+    prompts = tokenizer([row["prompt"] for row in rows], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([row["completion"] for row in rows], add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) + 1
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        target = completion + [tokenizer.eos_token_id]
+        input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    lengths = torch.tensor([len(p) + len(c) + 1 for p, c in zip(prompts, completions)])
+    attention_mask = (torch.arange(width) < lengths[:, None]).long()
+    return input_ids, attention_mask, labels
+
+
+def _warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_supervised(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Next-token training on the rows' completions (AdamW, warmup + cosine); returns the losses.
+
+    Each step draws a random batch of rows; `on_step(step, loss)` runs after every update.
+    """
+    input_ids, attention_mask, labels = encode_rows(tokenizer, rows)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, min(100, steps // 10 + 1)))
+    model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        batch = torch.randint(len(rows), (batch_size,), generator=generator)
+        loss = model(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy completions of the prompts (left-padded batches), each cut at its first EOS."""
+    was_training = model.training
+    model.eval()
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            prompts[start : start + batch_size], add_special_tokens=False, padding=True,
+            padding_side="left", return_tensors="pt",
+        )
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        completions += [_decode_until_eos(tokenizer, ids) for ids in output[:, batch["input_ids"].shape[1] :]]
+    model.train(was_training)
+    return completions
+
+
+def _decode_until_eos(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> str:
+    ids = ids.tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids)
+
+
+def evaluate_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    verifier: Verifier | str,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+) -> float:
+    """The share of rows whose greedy completion the verifier (a callable or its name) accepts."""
+    verify = get_verifier(verifier) if isinstance(verifier, str) else verifier
+    completions = generate_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens, batch_size)
+    return sum(verify(text, row["answer"]) for text, row in zip(completions, rows)) / len(rows)

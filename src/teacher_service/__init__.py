@@ -1,0 +1,1 @@
+"""Teacher service: a model behind HTTP and gRPC that scores text and samples from itself."""

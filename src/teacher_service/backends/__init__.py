@@ -1,0 +1,25 @@
+"""Backends compute what the service returns; each is picked by name from `BACKENDS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from teacher_service.backends.base import Backend, BackendConfig
+
+
+def _load_hf(config: BackendConfig) -> Backend:
+    from teacher_service.backends.hf import HFBackend
+
+    return HFBackend.load(config)
+
+
+# Loaders import their backend lazily, so a node without a backend's packages can still run the others.
+BACKENDS: dict[str, Callable[[BackendConfig], Backend]] = {"hf": _load_hf}
+
+
+def load_backend(name: str, config: BackendConfig) -> Backend:
+    try:
+        loader = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
+    return loader(config)

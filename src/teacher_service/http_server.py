@@ -1,0 +1,164 @@
+"""The HTTP adapter: FastAPI routes that convert, delegate to `TeacherService`, and convert back.
+
+Bodies are JSON unless the request's Content-Type is `application/x-protobuf`; answers are JSON
+unless its Accept header asks for `application/x-protobuf`. Every `TeacherError` becomes its
+status code with a JSON body `{"error": {"type", "message", "field"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from potstill.v1 import teacher_pb2 as pb
+from teacher_service import wire
+from teacher_service.errors import InvalidRequest, RequestTooLarge, TeacherError, Unauthenticated
+from teacher_service.openai_compat import OpenAICompat
+from teacher_service.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, ScoreRequest
+from teacher_service.service import TeacherService
+
+PROTOBUF = "application/x-protobuf"
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+
+
+def build_app(service: TeacherService, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="Potstill teacher", version="1")
+    app.state.service = service
+    app.state.openai = OpenAICompat(service)
+    app.state.max_body_bytes = max_body_bytes
+    app.include_router(_open_routes)
+    app.include_router(_model_routes, dependencies=[Depends(_require_api_key(api_key))])
+    app.add_exception_handler(TeacherError, _teacher_error_response)
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        service.metrics.requests.labels(endpoint, "http", str(response.status_code)).inc()
+        service.metrics.request_seconds.labels(endpoint, "http").observe(time.perf_counter() - started)
+        return response
+
+    return app
+
+
+async def _teacher_error_response(request: Request, error: TeacherError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.http_status)
+
+
+def _require_api_key(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    return check
+
+
+# --- request and response conversion ---
+
+
+async def _read_body(request: Request) -> bytes:
+    limit = request.app.state.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"body of {declared} bytes exceeds the limit of {limit}", field="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_protobuf(header: str | None) -> bool:
+    return header is not None and PROTOBUF in header
+
+
+async def _request_data(request: Request, pb_type: type | None = None, to_data=None) -> Any:
+    """Plain data from a JSON body, or from a protobuf body where the endpoint has a message for it."""
+    body = await _read_body(request)
+    if pb_type is not None and _is_protobuf(request.headers.get("content-type")):
+        return to_data(wire.decode_request(pb_type, body))
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidRequest(f"malformed JSON: {error}", field="body") from None
+
+
+def _answer(request: Request, as_json: Any, as_protobuf) -> Response:
+    if _is_protobuf(request.headers.get("accept")):
+        return Response(content=as_protobuf().SerializeToString(), media_type=PROTOBUF)
+    return JSONResponse(as_json())
+
+
+def _service(request: Request) -> TeacherService:
+    return request.app.state.service
+
+
+# --- routes ---
+
+_open_routes = APIRouter()
+_model_routes = APIRouter()
+
+
+@_open_routes.get("/health")
+async def health(request: Request) -> JSONResponse:
+    if not _service(request).ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@_model_routes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+@_model_routes.get("/v1/model")
+async def model_info(request: Request) -> Response:
+    info = _service(request).model_info()
+    return _answer(request, info.model_dump, lambda: wire.model_info_pb(info))
+
+
+@_model_routes.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    """OpenAI's model list, so tools that look up the model name first work."""
+    info = _service(request).model_info()
+    return JSONResponse({"object": "list", "data": [{"id": info.model, "object": "model", "owned_by": "potstill"}]})
+
+
+@_model_routes.post("/v1/score")
+async def score(request: Request) -> Response:
+    service = _service(request)
+    data = await _request_data(request, pb.ScoreRequest, wire.score_request_data)
+    result = await service.score(service.parse(ScoreRequest, data))
+    return _answer(request, result.to_json, lambda: wire.score_response_pb(result))
+
+
+@_model_routes.post("/v1/generate")
+async def generate(request: Request) -> Response:
+    service = _service(request)
+    data = await _request_data(request, pb.GenerateRequest, wire.generate_request_data)
+    result = await service.generate(service.parse(GenerateRequest, data))
+    return _answer(request, result.to_json, lambda: wire.generate_response_pb(result))
+
+
+@_model_routes.post("/v1/completions")
+async def completions(request: Request) -> JSONResponse:
+    parsed = _service(request).parse(CompletionRequest, await _request_data(request))
+    return JSONResponse(await request.app.state.openai.completions(parsed))
+
+
+@_model_routes.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> JSONResponse:
+    parsed = _service(request).parse(ChatCompletionRequest, await _request_data(request))
+    return JSONResponse(await request.app.state.openai.chat_completions(parsed))

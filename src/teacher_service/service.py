@@ -1,0 +1,180 @@
+"""The transport-agnostic teacher: validates, resolves prompts, admits, and calls the backend.
+
+HTTP and gRPC adapters hand it plain data and get typed results or a `TeacherError` back.
+Backend calls run on one worker thread, in arrival order; the number of requests admitted
+(running or waiting) is bounded, and a request beyond the bound is refused at once with
+`Overloaded` instead of piling up behind the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from teacher_service.backends.base import Backend, SamplingParams, ScoreItem
+from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded
+from teacher_service.metrics import ServiceMetrics
+from teacher_service.protocol import (
+    ChatMessage,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    ModelInfo,
+    ScoreRequest,
+    ScoreResponse,
+    StrictModel,
+    parse,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    model: str
+    backend: str
+    max_top_logprobs: int = 20
+    max_samples: int = 16
+    max_new_tokens: int = 512
+    max_batch: int = 256
+    max_queued_requests: int = 64
+
+
+class TeacherService:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self._backend: Backend | None = None
+        self._limits: Limits | None = None
+        self._admitted = 0
+        # One thread: the model runs one batch at a time, and callers never share a forward pass.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-backend")
+
+    # --- lifecycle ---
+
+    def attach(self, backend: Backend) -> None:
+        """Start serving `backend` (loaded elsewhere, so servers can answer /health meanwhile)."""
+        description = backend.description
+        self._limits = Limits(
+            vocab_size=description.vocab_size,
+            max_model_len=description.max_model_len,
+            max_top_logprobs=self.settings.max_top_logprobs,
+            max_samples=self.settings.max_samples,
+            max_new_tokens=self.settings.max_new_tokens,
+            max_batch=self.settings.max_batch,
+        )
+        self._backend = backend
+
+    @property
+    def ready(self) -> bool:
+        return self._backend is not None
+
+    def close(self) -> None:
+        self._backend = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def limits(self) -> Limits:
+        self._require_backend()
+        return self._limits
+
+    def _require_backend(self) -> Backend:
+        if self._backend is None:
+            raise BackendUnavailable("the model is not loaded yet")
+        return self._backend
+
+    def parse(self, request_type: type[StrictModel], data: Any) -> Any:
+        return parse(request_type, data, self.limits)
+
+    # --- endpoints ---
+
+    def model_info(self) -> ModelInfo:
+        description = self._require_backend().description
+        return ModelInfo(
+            model=self.settings.model,
+            backend=self.settings.backend,
+            vocab_size=description.vocab_size,
+            max_model_len=description.max_model_len,
+            max_top_logprobs=self.settings.max_top_logprobs,
+            max_samples=self.settings.max_samples,
+            max_new_tokens=self.settings.max_new_tokens,
+            tokenizer_fingerprint=description.tokenizer_fingerprint,
+            eos_token_id=description.eos_token_id,
+        )
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        backend = self._require_backend()
+        items = [
+            ScoreItem(self._prompt_ids(s.prompt), self._completion_ids(s.completion))
+            for s in request.sequences
+        ]
+        for index, item in enumerate(items):
+            self._check_length(len(item.prompt_ids) + len(item.completion_ids), f"sequences.{index}")
+        results = await self._run(
+            "score", backend.score, items, request.top_logprobs, request.temperature
+        )
+        self.metrics.tokens_scored.inc(sum(len(item.completion_ids) for item in items))
+        return ScoreResponse(results=results)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        backend = self._require_backend()
+        prompts = [self._prompt_ids(prompt) for prompt in request.prompts]
+        for index, prompt in enumerate(prompts):
+            self._check_length(len(prompt) + request.max_tokens, f"prompts.{index}")
+        params = SamplingParams(
+            n=request.n,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            top_logprobs=request.top_logprobs,
+        )
+        results = await self._run("generate", backend.generate, prompts, params)
+        self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in results for s in r.samples))
+        return GenerateResponse(results=results)
+
+    # --- helpers shared by the OpenAI-compatible layer ---
+
+    def tokenize_prompt(self, prompt: Any) -> list[int]:
+        return self._prompt_ids(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._require_backend().decode(ids)
+
+    def _prompt_ids(self, prompt: str | list) -> list[int]:
+        backend = self._require_backend()
+        if isinstance(prompt, str):
+            return backend.encode(prompt)
+        if isinstance(prompt[0], ChatMessage):
+            return backend.encode_chat([message.model_dump() for message in prompt])
+        return prompt
+
+    def _completion_ids(self, completion: str | list[int]) -> list[int]:
+        return self._require_backend().encode_continuation(completion) if isinstance(completion, str) else completion
+
+    def _check_length(self, tokens: int, field: str) -> None:
+        if tokens > self.limits.max_model_len:
+            raise InvalidRequest(
+                f"{tokens} tokens exceed the teacher's context of {self.limits.max_model_len}", field=field
+            )
+
+    async def _run(self, endpoint: str, function: Callable[..., T], *args: Any) -> T:
+        """Admit the request or refuse it, then run `function` on the backend thread."""
+        if self._admitted >= self.settings.max_queued_requests:
+            self.metrics.rejected.labels(endpoint).inc()
+            raise Overloaded(
+                f"{self._admitted} requests are already queued (limit {self.settings.max_queued_requests}); retry later"
+            )
+        self._admitted += 1
+        self.metrics.queue_depth.set(self._admitted)
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self._admitted -= 1
+            self.metrics.queue_depth.set(self._admitted)
+            self.metrics.backend_seconds.labels(endpoint).observe(time.perf_counter() - started)

@@ -1,0 +1,193 @@
+"""Conversions between protobuf messages and the plain data / result types of `protocol`.
+
+All protobuf handling lives here, for both sides of the wire: the servers turn requests into
+plain data (then validated by `protocol.parse`, like JSON) and results into messages; the
+trainer's clients do the reverse. Domain code never sees protobuf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from potstill.v1 import teacher_pb2 as pb
+from teacher_service.errors import InvalidRequest
+from teacher_service.protocol import (
+    GenerateResponse,
+    GenerateResult,
+    ModelInfo,
+    Sample,
+    ScoredSequence,
+    ScoreResponse,
+)
+
+_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT32: np.dtype("<i4")}
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+# --- tensors ---
+
+
+def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
+    dtype = array.dtype.newbyteorder("<")
+    return pb.Tensor(dtype=_DTYPE_CODES[dtype], shape=array.shape, data=array.astype(dtype, copy=False).tobytes())
+
+
+def tensor_from_pb(tensor: pb.Tensor) -> np.ndarray:
+    if tensor.dtype not in _DTYPES:
+        raise ValueError(f"unsupported tensor dtype {tensor.dtype}")
+    dtype = _DTYPES[tensor.dtype]
+    expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise ValueError(f"tensor of shape {list(tensor.shape)} needs {expected} bytes, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+# --- requests: protobuf -> plain data (server side) ---
+
+
+def _prompt_data(prompt: pb.Prompt) -> Any:
+    kind = prompt.WhichOneof("kind")
+    if kind == "token_ids":
+        return list(prompt.token_ids.ids)
+    if kind == "chat":
+        return [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
+    return prompt.text if kind == "text" else None
+
+
+def _completion_data(completion: pb.Completion) -> Any:
+    kind = completion.WhichOneof("kind")
+    if kind == "token_ids":
+        return list(completion.token_ids.ids)
+    return completion.text if kind == "text" else None
+
+
+def _optional_fields(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(message, name) for name in names if message.HasField(name)}
+
+
+def score_request_data(request: pb.ScoreRequest) -> dict[str, Any]:
+    return {
+        "sequences": [
+            {"prompt": _prompt_data(s.prompt), "completion": _completion_data(s.completion)}
+            for s in request.sequences
+        ],
+        "top_logprobs": request.top_logprobs,
+        **_optional_fields(request, ("temperature",)),
+    }
+
+
+def generate_request_data(request: pb.GenerateRequest) -> dict[str, Any]:
+    return {
+        "prompts": [_prompt_data(p) for p in request.prompts],
+        "top_logprobs": request.top_logprobs,
+        **_optional_fields(request, ("n", "max_tokens", "temperature", "top_p", "seed")),
+    }
+
+
+def decode_request(message_type: type, body: bytes) -> Any:
+    """Parse protobuf bytes, or raise InvalidRequest naming the body."""
+    message = message_type()
+    try:
+        message.ParseFromString(body)
+    except Exception as error:  # protobuf raises DecodeError and, for some corruptions, others
+        raise InvalidRequest(f"not a valid {message_type.DESCRIPTOR.full_name}: {error}", field="body") from None
+    return message
+
+
+# --- requests: plain data -> protobuf (client side) ---
+
+
+def _prompt_pb(prompt: Any) -> pb.Prompt:
+    if isinstance(prompt, str):
+        return pb.Prompt(text=prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in prompt]))
+    return pb.Prompt(token_ids=pb.TokenIds(ids=prompt))
+
+
+def _completion_pb(completion: Any) -> pb.Completion:
+    if isinstance(completion, str):
+        return pb.Completion(text=completion)
+    return pb.Completion(token_ids=pb.TokenIds(ids=completion))
+
+
+def score_request_pb(data: dict[str, Any]) -> pb.ScoreRequest:
+    """The protobuf form of a score request given as in JSON."""
+    sequences = [pb.ScoreSequence(prompt=_prompt_pb(s["prompt"]), completion=_completion_pb(s["completion"])) for s in data["sequences"]]
+    options = {key: value for key, value in data.items() if key != "sequences" and value is not None}
+    return pb.ScoreRequest(sequences=sequences, **options)
+
+
+def generate_request_pb(data: dict[str, Any]) -> pb.GenerateRequest:
+    """The protobuf form of a generate request given as in JSON."""
+    options = {key: value for key, value in data.items() if key != "prompts" and value is not None}
+    return pb.GenerateRequest(prompts=[_prompt_pb(p) for p in data["prompts"]], **options)
+
+
+# --- responses: results -> protobuf (server side) ---
+
+
+def _distributions_pb(result: Any) -> dict[str, pb.Tensor]:
+    return {
+        "token_ids": tensor_to_pb(result.token_ids),
+        "token_logprobs": tensor_to_pb(result.token_logprobs),
+        "top_ids": tensor_to_pb(result.top_ids),
+        "top_logprobs": tensor_to_pb(result.top_logprobs),
+    }
+
+
+def score_response_pb(response: ScoreResponse) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        results=[pb.ScoredSequence(prompt_tokens=r.prompt_tokens, **_distributions_pb(r)) for r in response.results]
+    )
+
+
+def generate_response_pb(response: GenerateResponse) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        results=[
+            pb.GenerateResult(
+                prompt_tokens=r.prompt_tokens,
+                samples=[pb.Sample(text=s.text, finish_reason=s.finish_reason, **_distributions_pb(s)) for s in r.samples],
+            )
+            for r in response.results
+        ]
+    )
+
+
+def model_info_pb(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(**info.model_dump())
+
+
+# --- responses: protobuf -> results (client side) ---
+
+
+def _distributions(message: Any) -> dict[str, np.ndarray]:
+    return {
+        "token_ids": tensor_from_pb(message.token_ids),
+        "token_logprobs": tensor_from_pb(message.token_logprobs),
+        "top_ids": tensor_from_pb(message.top_ids),
+        "top_logprobs": tensor_from_pb(message.top_logprobs),
+    }
+
+
+def score_response(message: pb.ScoreResponse) -> ScoreResponse:
+    return ScoreResponse(
+        results=[ScoredSequence(prompt_tokens=r.prompt_tokens, **_distributions(r)) for r in message.results]
+    )
+
+
+def generate_response(message: pb.GenerateResponse) -> GenerateResponse:
+    return GenerateResponse(
+        results=[
+            GenerateResult(
+                prompt_tokens=r.prompt_tokens,
+                samples=[Sample(text=s.text, finish_reason=s.finish_reason, **_distributions(s)) for s in r.samples],
+            )
+            for r in message.results
+        ]
+    )
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(**{f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields})

@@ -1,0 +1,1 @@
+"""Student trainer: distillation from any number of teacher endpoints."""
