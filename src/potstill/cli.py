@@ -12,6 +12,8 @@ import sys
 
 SUBCOMMANDS = {
     "serve": ("teacher_service.serve", "serve a teacher model over HTTP and gRPC"),
+    "query": ("trainer_client.query", "score or sample from a teacher endpoint"),
+    "train": ("trainer_client.trainer", "train a student from teacher endpoints"),
 }
 
 

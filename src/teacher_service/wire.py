@@ -40,7 +40,8 @@ def tensor_from_pb(tensor: pb.Tensor) -> np.ndarray:
     expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(tensor.data):
         raise ValueError(f"tensor of shape {list(tensor.shape)} needs {expected} bytes, got {len(tensor.data)}")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    # A copy: arrays over the message's bytes would be read-only, and consumers write to theirs.
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).copy()
 
 
 # --- requests: protobuf -> plain data (server side) ---

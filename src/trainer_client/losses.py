@@ -6,8 +6,9 @@ The student has full logits. Every divergence here compares the two on the teach
 
 Notation: p is the teacher, q the student; t = log p and s = log q at the same slots.
 Shapes: B batch, L positions, V student vocabulary, k teacher top-k, K = k or k + 1 slots.
-A slot whose log-prob is -inf carries no mass: 0 · log 0 = 0, and every function keeps both its
-value and its gradient finite there.
+A slot whose log-prob is -inf carries no mass: 0 · log 0 = 0, and values and gradients stay
+finite there (only reverse KL on a slot where the student has mass and the teacher none is
++inf, as it truly is; `topk_log_distributions` never produces such a slot).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MIN_TAIL_MASS = 1e-8
 
 
 def _with_tail(logp: Tensor) -> Tensor:
-    """[..., k] log-probs -> [..., k + 1]: the extra slot is log(max(1 - sum exp(logp), 1e-8))."""
+    """[..., k] -> [..., k + 1] log-probs; the last is log(1 - sum exp(logp)), floored."""
     # Summing probabilities (not logsumexp) stays NaN-free when every slot is -inf.
     tail_mass = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=MIN_TAIL_MASS)
     return torch.cat([logp, tail_mass.log()], dim=-1)
@@ -54,10 +55,10 @@ def topk_log_distributions(
     [B, L, k] float, already at `temperature`. The student side is
     s = log_softmax(student_logits / temperature)[teacher_ids], computed in at least float32.
     A slot where the teacher's log-prob is -inf (a duplicate slot from `mix_teachers`, or an
-    underflow) is outside the support on both sides: the student's mass there goes to its tail,
-    so a repeated id is never counted twice.
+    underflow) is outside the support on both sides: the student's mass there is left out of the
+    top-k (so a repeated id is never counted twice) and, with tail="bucket", lands in the tail.
 
-    tail="bucket" (the k+1-way coarsening used by TRL's top-k distillation): each side gets a
+    tail="bucket" (top-k plus "everything else" as one k+1-way distribution): each side gets a
     (k+1)-th slot log(1 - sum exp(.)), its mass floored at MIN_TAIL_MASS = 1e-8 -> [B, L, k+1].
     tail="renormalize": each side's top-k renormalised to sum to 1 -> [B, L, k].
     Returns (teacher_logp, student_logp), same shape and dtype.
@@ -110,7 +111,7 @@ def reverse_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
 
 
 def generalized_jsd(teacher_logp: Tensor, student_logp: Tensor, beta: float) -> Tensor:
-    """Generalised JSD: beta · KL(p || M) + (1 - beta) · KL(q || M), M = beta · p + (1 - beta) · q.
+    """Generalised JSD = beta · KL(p || M) + (1 - beta) · KL(q || M), M = beta·p + (1 - beta)·q.
 
     Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
     Self-Generated Mistakes" (GKD), with the convention of TRL's `generalized_jsd_loss`:

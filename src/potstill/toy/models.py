@@ -16,7 +16,9 @@ def tiny_llama_config(
     layers: int = 2,
     heads: int = 4,
     max_position_embeddings: int = 256,
+    **extra,
 ) -> LlamaConfig:
+    """A small Llama for `tokenizer`; `extra` goes to LlamaConfig (e.g. initializer_range)."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -29,6 +31,7 @@ def tiny_llama_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **extra,
     )
 
 

@@ -1,0 +1,89 @@
+"""Held-out evaluation: loss on reference completions, KL to the teachers, verified accuracy.
+
+The teachers' view of the held-out rows is fetched once (teachers do not change during a run),
+so an evaluation costs the student's time only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from trainer_client.data import Row
+from trainer_client.losses import distillation_loss
+from trainer_client.methods import Example, StudentTokens, collate
+
+
+@torch.inference_mode()
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of text prompts, left-padded in batches, cut at EOS."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return completions
+
+
+def accuracy(model, tokenizer, rows: list[Row], verify: Callable[[str, str], bool], max_new_tokens: int) -> float:
+    """Fraction of rows whose greedy completion the verifier accepts against the row's answer."""
+    completions = greedy_completions(model, tokenizer, [r.prompt for r in rows], max_new_tokens)
+    return sum(verify(c, r.answer) for c, r in zip(completions, rows)) / len(rows)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        rows: list[Row],
+        tokens: StudentTokens,
+        teacher_view: list[Example] | None,
+        verify: Callable[[str, str], bool] | None,
+        max_new_tokens: int,
+        batch_size: int = 32,
+    ):
+        """`teacher_view`: the held-out reference examples with the teachers' top-k attached (or None)."""
+        self.rows = rows
+        self.tokens = tokens
+        self.with_completion = [r for r in rows if r.completion is not None]
+        self.examples = teacher_view or [
+            Example(*tokens.fit(tokens.prompt(r.prompt), tokens.target(r.completion))) for r in self.with_completion
+        ]
+        self.verify = verify if verify is not None and all(r.answer is not None for r in rows) else None
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def __call__(self, model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        results = self._losses(model) if self.examples else {}
+        if self.verify is not None:
+            results["eval/accuracy"] = accuracy(model, self.tokens.tokenizer, self.rows, self.verify, self.max_new_tokens)
+        model.train(was_training)
+        return results
+
+    def _losses(self, model) -> dict[str, float]:
+        """Token-weighted CE and, with teachers, forward KL(teacher || student) at temperature 1, tail as a bucket."""
+        device = next(model.parameters()).device
+        ce_sum = kl_sum = tokens = 0.0
+        for start in range(0, len(self.examples), self.batch_size):
+            batch = collate(self.examples[start : start + self.batch_size], self.tokens.tokenizer.pad_token_id or 0).to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            count = batch.target_mask.sum().item()
+            ce_sum += torch.nn.functional.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask], reduction="sum").item()
+            if batch.teacher_ids is not None:
+                kl_sum += distillation_loss(logits, batch.teacher_ids, batch.teacher_logprobs, batch.target_mask).item() * count
+            tokens += count
+        results = {"eval/loss": ce_sum / tokens}
+        if self.examples[0].teacher_ids is not None:
+            results["eval/kl"] = kl_sum / tokens
+        return results

@@ -1,0 +1,305 @@
+"""`potstill train`: build, train, evaluate, save.
+
+Teacher requests for the next `prefetch` micro-batches run on a background event loop while
+the optimizer works on the current one; the time the optimizer still waits is logged as
+`teacher_wait_s`. A checkpoint holds the model, optimizer, scheduler and RNG states and the
+step; data order and teacher sampling seeds are functions of the step, so `--resume`
+continues exactly where the run stopped. If teachers stay unreachable longer than
+`teacher_max_wait`, the run checkpoints the steps it completed and stops with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from potstill.fingerprint import tokenizer_fingerprint
+from trainer_client.config import TrainConfig, load_config
+from trainer_client.data import Dataset, load_rows, rows_for_step
+from trainer_client.evaluation import Evaluator
+from trainer_client.methods import METHODS, Example, Method, StudentTokens, attach_teacher_distributions, collate, example_loss
+from trainer_client.pool import PoolRunner
+from trainer_client.report import write_report
+from trainer_client.teachers import TeacherUnavailable
+from trainer_client.verifiers import get_verifier
+
+CHECKPOINT_MARKER = "trainer_state.json"
+
+
+@dataclass
+class RunResult:
+    output: Path
+    steps: int
+    final_eval: dict[str, float]
+    teacher_wait_fraction: float
+
+
+def train(config: TrainConfig, progress: bool = True) -> RunResult:
+    # --- build ---
+    output = Path(config.output)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    set_seed(config.seed)
+    tokenizer, model = load_student(config.student)
+    tokens = StudentTokens(tokenizer, config.max_seq_len)
+    data = load_rows(config.data, config.skip_bad_rows)
+    eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
+    runner = connect_teachers(config, tokenizer, model) if config.teachers else None
+    pool = runner.pool if runner else None
+    method = METHODS[config.method](config, tokens, pool)
+    evaluator = build_evaluator(config, eval_rows, tokens, runner) if eval_rows else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    start_step = resume_from_checkpoint(accelerator, output) if config.resume else 0
+    metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(config.model_dump_json(indent=2))
+        if data.skipped:
+            print(f"skipped {data.skipped} malformed rows of {config.data}")
+
+    # --- train ---
+    if evaluator and start_step == 0:
+        metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
+    prefetcher = Prefetcher(method, data, config, accelerator, runner)
+    waited = stepped = 0.0
+    step = start_step
+    try:
+        with _progress_bar(progress and accelerator.is_main_process) as bar:
+            task = bar.add_task("train", total=config.steps, completed=start_step, status="")
+            for step in range(start_step, config.steps):
+                started = time.perf_counter()
+                losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, step, config)
+                waited, stepped = waited + wait, stepped + time.perf_counter() - started
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    metrics.write({"step": done, **losses, "lr": scheduler.get_last_lr()[0],
+                                   "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
+                                   "teacher_wait_fraction": waited / stepped})
+                if evaluator and (done % config.eval_every == 0 or done == config.steps):
+                    metrics.write({"step": done, **evaluator(accelerator.unwrap_model(model))})
+                if done % config.save_every == 0 and done < config.steps:
+                    save_checkpoint(accelerator, output, done)
+                rate = (done - start_step) / stepped
+                bar.update(task, completed=done, status=f"{rate:.2f} step/s  loss {losses['loss']:.4f}  waiting on teachers {waited / stepped:.0%}")
+    except KeyboardInterrupt:
+        save_checkpoint(accelerator, output, step)
+        raise
+    except TeacherUnavailable as error:
+        save_checkpoint(accelerator, output, step)
+        raise TeacherUnavailable(
+            f"{error}; {step} completed steps are checkpointed in {output} — rerun with --resume once a teacher is back"
+        ) from error
+    finally:
+        prefetcher.close()
+        if runner:
+            (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2))
+            runner.close()
+
+    # --- evaluate and save ---
+    final_eval = evaluator(accelerator.unwrap_model(model)) if evaluator else {}
+    save_final(accelerator, model, tokenizer, output)
+    if accelerator.is_main_process:
+        write_report(output)
+    return RunResult(output, config.steps, final_eval, waited / stepped if stepped else 0.0)
+
+
+def load_student(name: str):
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return tokenizer, model
+
+
+def connect_teachers(config: TrainConfig, tokenizer, model) -> PoolRunner:
+    """Reach every teacher; white-box methods refuse a teacher whose tokenizer differs from the student's."""
+    api_key = Path(config.api_key_file).read_text().strip() if config.api_key_file else None
+    return PoolRunner.connect(
+        config.teachers,
+        api_key=api_key,
+        timeout=config.teacher_timeout,
+        max_wait=config.teacher_max_wait,
+        student_fingerprint=tokenizer_fingerprint(tokenizer),
+        student_vocab_size=model.get_output_embeddings().weight.shape[0],
+        require_white_box=config.white_box,
+        tokenizer=tokenizer,
+    )
+
+
+def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: PoolRunner | None) -> Evaluator:
+    """Held-out rows; with white-box teachers, their view of the references at temperature 1 is fetched once."""
+    examples = [Example(*tokens.fit(tokens.prompt(r.prompt), tokens.target(r.completion))) for r in rows if r.completion is not None]
+    if runner and config.white_box and examples:
+        runner.run(attach_teacher_distributions(runner.pool, examples, config.top_k, temperature=1.0))
+    verify = get_verifier(config.verifier) if config.verifier else None
+    return Evaluator(rows, tokens, examples if runner and config.white_box else None, verify, config.eval_max_new_tokens)
+
+
+def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher, step: int, config: TrainConfig):
+    """One optimizer step over `grad_accum` micro-batches; returns (averaged losses, seconds waited on teachers)."""
+    totals: dict[str, float] = {}
+    waited = 0.0
+    for micro in range(config.grad_accum):
+        examples, wait = prefetcher.get(step * config.grad_accum + micro)
+        waited += wait
+        batch = collate(examples, model_pad_id(accelerator, model)).to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss, parts = example_loss(logits, batch, config)
+        accelerator.backward(loss / config.grad_accum)
+        for name, value in {"loss": loss.item(), **parts}.items():
+            totals[name] = totals.get(name, 0.0) + value / config.grad_accum
+    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals, waited
+
+
+def model_pad_id(accelerator, model) -> int:
+    pad = accelerator.unwrap_model(model).config.pad_token_id
+    return pad if pad is not None else 0
+
+
+class Prefetcher:
+    """Prepares micro-batches ahead on the teachers' event loop; `get` blocks only if one is not ready."""
+
+    def __init__(self, method: Method, data: Dataset, config: TrainConfig, accelerator, runner: PoolRunner | None):
+        self.method, self.data, self.config, self.runner = method, data, config, runner
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.pending: dict[int, Future] = {}
+
+    def _rows(self, micro: int):
+        # Each process takes its own slice of the global micro-batch.
+        return rows_for_step(self.data, micro * self.world + self.rank, self.config.batch_size, self.config.seed)
+
+    def _submit(self, micro: int) -> None:
+        if micro not in self.pending and micro < self.config.steps * self.config.grad_accum:
+            coroutine = self.method.prepare(self._rows(micro), micro)
+            self.pending[micro] = self.runner.submit(coroutine) if self.runner else _done(coroutine)
+
+    def get(self, micro: int) -> tuple[list[Example], float]:
+        for ahead in range(micro, micro + self.config.prefetch + 1):
+            self._submit(ahead)
+        started = time.perf_counter()
+        examples = self.pending.pop(micro).result()
+        return examples, time.perf_counter() - started
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
+
+def _done(coroutine) -> Future:
+    """Run a coroutine that needs no teacher (SFT) to completion, as a finished future."""
+    future: Future = Future()
+    future.set_result(asyncio.run(coroutine))
+    return future
+
+
+# --- checkpoints and outputs ---
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    found = [p for p in (output / "checkpoints").glob("step-*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output: Path, step: int, keep: int = 2) -> None:
+    directory = output / "checkpoints" / f"step-{step:08d}"
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        # Written last: a checkpoint without it was interrupted and is never resumed from.
+        (directory / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+        for old in _checkpoints(output)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume_from_checkpoint(accelerator, output: Path) -> int:
+    """Load the newest complete checkpoint; returns its step (0, with a note, when there is none)."""
+    checkpoints = _checkpoints(output)
+    if not checkpoints:
+        print(f"no checkpoint in {output}/checkpoints: starting from step 0")
+        return 0
+    accelerator.load_state(str(checkpoints[-1]))
+    return json.loads((checkpoints[-1] / CHECKPOINT_MARKER).read_text())["step"]
+
+
+def save_final(accelerator, model, tokenizer, output: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output / "final")
+        tokenizer.save_pretrained(output / "final")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, each with its `step`. On resume, lines past the
+    checkpoint (written by the interrupted run after it) are dropped so no step appears twice."""
+
+    def __init__(self, path: Path, keep_through_step: int | None):
+        self.path = path
+        if path.exists():
+            lines = path.read_text().splitlines() if keep_through_step is not None else []
+            kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        disable=not enabled,
+    )
+
+
+# --- command line ---
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    parser.add_argument("--teacher", dest="teachers", action="append", metavar="URL",
+                        help="teacher endpoint (repeatable): grpc://h:p, http://h:p, openai+http://h:p/v1; "
+                        "'#name=N&tags=a,b&weight=W' names, tags or weights it")
+    for name, field in TrainConfig.model_fields.items():
+        if name == "teachers":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = "" if field.is_required() else f" (default: {field.default})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f"{field.description or ''}{default}")
+        else:
+            parser.add_argument(flag, default=None, type=_flag_type(field.annotation), help=f"{field.description or ''}{default}")
+
+
+def _flag_type(annotation):
+    return annotation if annotation in (int, float) else str
+
+
+def main(args: argparse.Namespace) -> None:
+    overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
+    config = load_config(args.config, overrides)
+    result = train(config)
+    print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,
+                      "teacher_wait_fraction": round(result.teacher_wait_fraction, 4)}))
