@@ -39,9 +39,14 @@ class OpenAICompat:
             choice = {
                 "index": index,
                 "text": prompt_text + (sample.text if sample else ""),
-                "logprobs": self._legacy_logprobs(prompt_ids, prompt_view, sample, request.echo) if k is not None else None,
+                "logprobs": self._legacy_logprobs(prompt_ids, prompt_view, sample, request.echo, request.return_tokens_as_token_ids)
+                if k is not None
+                else None,
                 "finish_reason": sample.finish_reason if sample else "length",
             }
+            if request.return_token_ids:
+                choice["token_ids"] = sample.token_ids.tolist() if sample else []
+                choice["prompt_token_ids"] = list(prompt_ids)
             if request.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt_ids, prompt_view)
             choices.append(choice)
@@ -111,9 +116,14 @@ class OpenAICompat:
         return self.service.decode([int(token_id)])
 
     def _legacy_logprobs(
-        self, prompt_ids: list[int], prompt_view: ScoredSequence | None, sample: Sample | None, echo: bool
+        self, prompt_ids: list[int], prompt_view: ScoredSequence | None, sample: Sample | None, echo: bool, as_ids: bool = False
     ) -> dict[str, Any]:
-        """OpenAI's legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+        """OpenAI's legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
+
+        as_ids (vLLM's `return_tokens_as_token_ids`): tokens and top_logprobs keys are "token_id:N",
+        so ids that decode alike stay apart.
+        """
+        name = (lambda token_id: f"token_id:{int(token_id)}") if as_ids else self._token_text
         tokens, token_logprobs, top_logprobs = [], [], []
         parts: list[tuple[list[int], TokenDistributions | None]] = []
         if echo:
@@ -124,14 +134,14 @@ class OpenAICompat:
         if sample is not None:
             parts.append((sample.token_ids.tolist(), sample))
         for ids, view in parts:
-            tokens += [self._token_text(t) for t in ids]
+            tokens += [name(t) for t in ids]
             if view is None:
                 token_logprobs += [None] * len(ids)
                 top_logprobs += [None] * len(ids)
                 continue
             token_logprobs += view.token_logprobs.tolist()
             top_logprobs += [
-                {self._token_text(i): float(lp) for i, lp in zip(row_ids, row_lps)}
+                {name(i): float(lp) for i, lp in zip(row_ids, row_lps)}
                 for row_ids, row_lps in zip(view.top_ids, view.top_logprobs)
             ]
         offsets, position = [], 0

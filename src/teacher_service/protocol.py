@@ -158,6 +158,8 @@ class CompletionRequest(StrictModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: Literal[False] = False
     prompt_logprobs: int | None = Field(None, ge=0, description="vLLM extension: top-k log-probs at each prompt position.")
+    return_token_ids: bool = Field(False, description="vLLM extension: choices[].token_ids and prompt_token_ids in the answer.")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: logprobs tokens written 'token_id:N'.")
     user: str | None = None
 
     _n_limit = field_validator("n")(_at_most("max_samples"))
