@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "serve": ("teacher_service.serve", "serve a teacher model over HTTP and gRPC"),
     "query": ("trainer_client.query", "score or sample from a teacher endpoint"),
     "train": ("trainer_client.trainer", "train a student from teacher endpoints"),
+    "demo": ("potstill.demo", "the whole system on a toy task: serve a teacher, distil a student, report"),
 }
 
 

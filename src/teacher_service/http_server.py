@@ -93,6 +93,8 @@ async def _request_data(request: Request, pb_type: type | None = None, to_data=N
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRequest(f"malformed JSON: {error}", field="body") from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise InvalidRequest("JSON nested too deeply", field="body") from None
 
 
 def _answer(request: Request, as_json: Any, as_protobuf) -> Response:

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from teacher_service.errors import InvalidRequest
 from teacher_service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,16 +31,19 @@ class OpenAICompat:
 
     async def completions(self, request: CompletionRequest) -> dict[str, Any]:
         prompt_ids = self.service.tokenize_prompt(request.prompt)
+        self._check_fits(prompt_ids, request.max_tokens, "prompt")
         k = request.logprobs
         prompt_view = await self._prompt_view(prompt_ids, request, k)
         samples = await self._samples(prompt_ids, request, k or 0)
-        prompt_text = self.service.decode(prompt_ids) if request.echo else ""
+        prompt_text = ""
+        if request.echo:  # the prompt as sent; token ids as their text, special tokens included
+            prompt_text = request.prompt if isinstance(request.prompt, str) else self.service.decode(prompt_ids, skip_special_tokens=False)
         choices = []
         for index, sample in enumerate(samples):
             choice = {
                 "index": index,
                 "text": prompt_text + (sample.text if sample else ""),
-                "logprobs": self._legacy_logprobs(prompt_ids, prompt_view, sample, request.echo, request.return_tokens_as_token_ids)
+                "logprobs": self._legacy_logprobs(prompt_ids, prompt_view, sample, request.echo, k, request.return_tokens_as_token_ids)
                 if k is not None
                 else None,
                 "finish_reason": sample.finish_reason if sample else "length",
@@ -48,19 +52,21 @@ class OpenAICompat:
                 choice["token_ids"] = sample.token_ids.tolist() if sample else []
                 choice["prompt_token_ids"] = list(prompt_ids)
             if request.prompt_logprobs is not None:
-                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt_ids, prompt_view)
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt_ids, prompt_view, request.prompt_logprobs)
             choices.append(choice)
         completion_tokens = sum(len(s.token_ids) for s in samples if s)
         return _envelope("cmpl", "text_completion", self.service.settings.model, choices, len(prompt_ids), completion_tokens)
 
     async def chat_completions(self, request: ChatCompletionRequest) -> dict[str, Any]:
         prompt_ids = self.service.tokenize_prompt(request.messages)
+        max_tokens = request.max_completion_tokens or request.max_tokens or 16
+        self._check_fits(prompt_ids, max_tokens, "messages")
         generate = self.service.parse(
             GenerateRequest,
             {
                 "prompts": [prompt_ids],
                 "n": request.n,
-                "max_tokens": request.max_completion_tokens or request.max_tokens or 16,
+                "max_tokens": max_tokens,
                 "temperature": request.temperature,
                 "top_p": request.top_p,
                 "seed": request.seed,
@@ -79,6 +85,14 @@ class OpenAICompat:
         ]
         completion_tokens = sum(len(s.token_ids) for s in samples)
         return _envelope("chatcmpl", "chat.completion", self.service.settings.model, choices, len(prompt_ids), completion_tokens)
+
+    def _check_fits(self, prompt_ids: list[int], new_tokens: int, field: str) -> None:
+        """Refuse a prompt that leaves no room for `new_tokens`, naming the caller's field (not the internal request's)."""
+        limit = self.service.limits.max_model_len
+        if len(prompt_ids) + new_tokens > limit:
+            raise InvalidRequest(
+                f"{len(prompt_ids)} prompt tokens + {new_tokens} new tokens exceed the teacher's context of {limit}", field=field
+            )
 
     # --- service calls ---
 
@@ -113,10 +127,12 @@ class OpenAICompat:
     # --- shaping ---
 
     def _token_text(self, token_id: int) -> str:
-        return self.service.decode([int(token_id)])
+        # Special tokens keep their text ("<|eos|>"), as OpenAI and vLLM show them; "" would hide which one it was.
+        return self.service.decode([int(token_id)], skip_special_tokens=False)
 
     def _legacy_logprobs(
-        self, prompt_ids: list[int], prompt_view: ScoredSequence | None, sample: Sample | None, echo: bool, as_ids: bool = False
+        self, prompt_ids: list[int], prompt_view: ScoredSequence | None, sample: Sample | None, echo: bool, k: int,
+        as_ids: bool = False,
     ) -> dict[str, Any]:
         """OpenAI's legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
 
@@ -140,8 +156,10 @@ class OpenAICompat:
                 top_logprobs += [None] * len(ids)
                 continue
             token_logprobs += view.token_logprobs.tolist()
+            # The prompt view may hold more than k (prompt_logprobs asked for more); keep each list to its own k.
+            # Ids that decode alike share a key: the most likely of them (listed first) keeps it.
             top_logprobs += [
-                {name(i): float(lp) for i, lp in zip(row_ids, row_lps)}
+                _first_per_key((name(i), float(lp)) for i, lp in zip(row_ids[:k], row_lps[:k]))
                 for row_ids, row_lps in zip(view.top_ids, view.top_logprobs)
             ]
         offsets, position = [], 0
@@ -150,7 +168,7 @@ class OpenAICompat:
             position += len(token)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
-    def _vllm_prompt_logprobs(self, prompt_ids: list[int], view: ScoredSequence | None) -> list[dict | None]:
+    def _vllm_prompt_logprobs(self, prompt_ids: list[int], view: ScoredSequence | None, k: int) -> list[dict | None]:
         """vLLM's `prompt_logprobs`: None for the first token, then {id: {logprob, rank, decoded_token}}."""
         entries: list[dict | None] = [None]
         if view is None:
@@ -158,7 +176,7 @@ class OpenAICompat:
         for token_id, token_lp, row_ids, row_lps in zip(view.token_ids, view.token_logprobs, view.top_ids, view.top_logprobs):
             entry = {
                 str(int(i)): {"logprob": float(lp), "rank": rank, "decoded_token": self._token_text(i)}
-                for rank, (i, lp) in enumerate(zip(row_ids, row_lps), start=1)
+                for rank, (i, lp) in enumerate(zip(row_ids[:k], row_lps[:k]), start=1)
             }
             # The actual token is always listed, also outside the top-k (its rank is then unknown here).
             entry.setdefault(
@@ -184,6 +202,13 @@ class OpenAICompat:
                 }
             )
         return content
+
+
+def _first_per_key(pairs) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for key, value in pairs:
+        top.setdefault(key, value)
+    return top
 
 
 def _envelope(prefix: str, kind: str, model: str, choices: list, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -171,6 +173,63 @@ class BackgroundTeacher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class TeacherProcess:
+    """`potstill serve` in a child process on free loopback ports (the demo, benchmarks).
+
+    `start` returns once the child prints its ready line; `stop` sends SIGTERM and waits.
+    Use as a context manager so the child is stopped on any exit, Ctrl-C included.
+    """
+
+    READY = "potstill teacher ready: "
+
+    def __init__(self, model: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 300.0):
+        self.command = [sys.executable, "-m", "potstill.cli", "serve", "--model", model, "--host", host,
+                        "--http-port", "0", "--grpc-port", "0", *extra_args]
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.http_url = self.grpc_url = ""
+
+    def start(self) -> TeacherProcess:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        ready = _read_line_with_timeout(self.process, self.READY, self.startup_timeout)
+        self.http_url, self.grpc_url = ready.removeprefix(self.READY).split()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> TeacherProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _read_line_with_timeout(process: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The child's first stdout line starting with `prefix`; RuntimeError if it exits or times out first."""
+    found: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            if line.startswith(prefix):
+                found.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        process.kill()
+        raise RuntimeError(f"teacher process did not become ready within {timeout:.0f} s (exit code {process.poll()})")
+    return found[0]
 
 
 # --- command line ---

@@ -142,8 +142,8 @@ class TeacherService:
     def tokenize_prompt(self, prompt: Any) -> list[int]:
         return self._prompt_ids(prompt)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._require_backend().decode(ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._require_backend().decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _prompt_ids(self, prompt: str | list) -> list[int]:
         backend = self._require_backend()

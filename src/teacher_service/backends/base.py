@@ -60,8 +60,8 @@ class Backend(Protocol):
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of chat turns rendered with the chat template and a generation prompt."""
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids, special tokens removed."""
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids, special tokens removed unless `skip_special_tokens` is False."""
 
     def score(self, items: list[ScoreItem], top_logprobs: int, temperature: float) -> list[ScoredSequence]:
         """The distribution at every completion position of every item."""

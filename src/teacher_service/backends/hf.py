@@ -54,6 +54,10 @@ class HFBackend:
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         )
+        # A sample ends at any end token the model declares (chat models add end-of-turn ids).
+        declared = getattr(model.generation_config, "eos_token_id", None)
+        declared = declared if isinstance(declared, list) else [declared]
+        self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, *declared] if i is not None})
 
     @classmethod
     def load(cls, config: BackendConfig) -> HFBackend:
@@ -74,8 +78,8 @@ class HFBackend:
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # --- scoring ---
 
@@ -184,7 +188,7 @@ class HFBackend:
             max_new_tokens=params.max_tokens,
             num_return_sequences=params.n if params.temperature > 0 else 1,
             pad_token_id=self.pad_id,
-            eos_token_id=self.description.eos_token_id if self.description.eos_token_id >= 0 else None,
+            eos_token_id=self.stop_ids or None,
             return_dict_in_generate=True,
             output_logits=True,
             **(sampling if params.temperature > 0 else {"do_sample": False}),
@@ -200,8 +204,8 @@ class HFBackend:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _sample(self, tokens: torch.Tensor, logprobs: torch.Tensor, k: int) -> Sample:
-        """One sample's tokens up to and including its first EOS, with their distributions."""
-        eos_positions = (tokens == self.description.eos_token_id).nonzero()
+        """One sample's tokens up to and including its first end token, with their distributions."""
+        eos_positions = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device)).nonzero()
         finished = len(eos_positions) > 0
         length = int(eos_positions[0]) + 1 if finished else len(tokens)
         tokens, logprobs = tokens[:length], logprobs[:length]

@@ -1,0 +1,329 @@
+"""One service, every door: HTTP JSON, HTTP protobuf, gRPC and the OpenAI-compatible routes agree.
+
+Also the operational surface: /health, /v1/model and GetModelInfo, the gRPC health and
+reflection services, and /metrics in Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
+
+from potstill.fingerprint import tokenizer_fingerprint
+from potstill.v1 import teacher_pb2 as pb
+from teacher_service import wire
+from teacher_service.protocol import GenerateResponse, ScoreResponse
+
+from .conftest import PROTOBUF
+
+SCORE_REQUEST = {
+    "sequences": [
+        {"prompt": "the teacher learns", "completion": " from samples"},
+        {"prompt": [5, 6, 7, 8, 9], "completion": [10, 11, 12]},
+        {"prompt": [{"role": "user", "content": "what is 3+4?"}], "completion": "7"},
+    ],
+    "top_logprobs": 6,
+    "temperature": 1.5,
+}
+GENERATE_REQUEST = {
+    "prompts": ["hello", [40, 41, 42], [{"role": "user", "content": "hi"}]],
+    "n": 3,
+    "max_tokens": 8,
+    "temperature": 0.9,
+    "top_p": 0.95,
+    "seed": 2024,
+    "top_logprobs": 4,
+}
+DISTRIBUTION_FIELDS = ("token_ids", "token_logprobs", "top_ids", "top_logprobs")
+
+
+def as_arrays(item) -> dict[str, np.ndarray]:
+    """The dense fields of a result, from its JSON form or from its decoded form."""
+    get = item.get if isinstance(item, dict) else lambda name: getattr(item, name)
+    return {name: np.asarray(get(name)) for name in DISTRIBUTION_FIELDS}
+
+
+def assert_same_distributions(one, other) -> None:
+    left, right = as_arrays(one), as_arrays(other)
+    for name in DISTRIBUTION_FIELDS:
+        assert left[name].shape == right[name].shape, name
+        np.testing.assert_array_equal(left[name], right[name].astype(left[name].dtype), err_msg=name)
+
+
+def post_protobuf(http, path: str, message) -> bytes:
+    response = http.post(
+        path, content=message.SerializeToString(), headers={"Content-Type": PROTOBUF, "Accept": PROTOBUF}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(PROTOBUF)
+    return response.content
+
+
+# --- the native endpoints through every transport ---
+
+
+def test_score_is_the_same_over_every_transport(http, stub):
+    as_json = http.post("/v1/score", json=SCORE_REQUEST).json()["results"]
+    message = wire.score_request_pb(SCORE_REQUEST)
+    over_http = wire.score_response(pb.ScoreResponse.FromString(post_protobuf(http, "/v1/score", message)))
+    over_grpc = wire.score_response(stub.Score(message))
+    assert isinstance(over_http, ScoreResponse) and isinstance(over_grpc, ScoreResponse)
+    assert len(as_json) == len(over_http.results) == len(over_grpc.results) == 3
+    for json_result, http_result, grpc_result in zip(as_json, over_http.results, over_grpc.results):
+        assert json_result["prompt_tokens"] == http_result.prompt_tokens == grpc_result.prompt_tokens
+        assert http_result.top_ids.dtype == np.int32 and http_result.top_logprobs.dtype == np.float32
+        assert http_result.top_ids.shape == (len(json_result["token_ids"]), 6)
+        assert_same_distributions(json_result, http_result)
+        assert_same_distributions(json_result, grpc_result)
+
+
+def test_generate_is_the_same_over_every_transport(http, stub):
+    as_json = http.post("/v1/generate", json=GENERATE_REQUEST).json()["results"]
+    message = wire.generate_request_pb(GENERATE_REQUEST)
+    over_http = wire.generate_response(pb.GenerateResponse.FromString(post_protobuf(http, "/v1/generate", message)))
+    over_grpc = wire.generate_response(stub.Generate(message))
+    assert isinstance(over_http, GenerateResponse) and isinstance(over_grpc, GenerateResponse)
+    for json_result, *decoded in zip(as_json, over_http.results, over_grpc.results):
+        assert len(json_result["samples"]) == 3
+        for result in decoded:
+            assert result.prompt_tokens == json_result["prompt_tokens"]
+            for json_sample, sample in zip(json_result["samples"], result.samples, strict=True):
+                assert (sample.text, sample.finish_reason) == (json_sample["text"], json_sample["finish_reason"])
+                assert_same_distributions(json_sample, sample)
+
+
+# --- health, model info, health and reflection services, metrics ---
+
+
+def test_health(http):
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_model_info_over_http_and_grpc(http, stub, tiny_model_dir):
+    info = http.get("/v1/model").json()
+    contract = {"model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint"}
+    assert contract <= info.keys()
+    assert info["model"] == tiny_model_dir and info["backend"] == "hf"
+    assert (info["vocab_size"], info["max_model_len"], info["max_samples"], info["max_new_tokens"]) == (384, 256, 8, 64)
+    assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert wire.model_info(stub.GetModelInfo(pb.ModelInfoRequest())).model_dump() == info
+    response = http.get("/v1/model", headers={"Accept": PROTOBUF})
+    assert wire.model_info(pb.ModelInfo.FromString(response.content)).model_dump() == info
+
+
+def test_grpc_health_service_is_serving(grpc_channel):
+    health = health_pb2_grpc.HealthStub(grpc_channel)
+    for service in ("", "potstill.v1.Teacher"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_reflection_lists_the_teacher(grpc_channel):
+    database = ProtoReflectionDescriptorDatabase(grpc_channel)
+    assert "potstill.v1.Teacher" in database.get_services()
+    described = database.FindFileContainingSymbol("potstill.v1.Teacher")
+    assert {"GetModelInfo", "Score", "Generate"} <= {m.name for m in described.service[0].method}
+
+
+def read_metrics(http) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, parsed as Prometheus text format: {(name, sorted labels): value}."""
+    response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests(http, stub):
+    def requests(metrics, endpoint, transport, outcome):
+        labels = (("endpoint", endpoint), ("outcome", outcome), ("transport", transport))
+        return metrics.get(("potstill_requests_total", labels), 0.0)
+
+    before = read_metrics(http)
+    body = {"sequences": [{"prompt": [1, 2], "completion": [3, 4, 5]}], "top_logprobs": 1}
+    http.post("/v1/score", json=body)
+    http.post("/v1/score", json={"sequences": []})
+    stub.Score(wire.score_request_pb(body))
+    after = read_metrics(http)
+    assert requests(after, "/v1/score", "http", "200") == requests(before, "/v1/score", "http", "200") + 1
+    assert requests(after, "/v1/score", "http", "400") == requests(before, "/v1/score", "http", "400") + 1
+    assert requests(after, "Score", "grpc", "OK") == requests(before, "Score", "grpc", "OK") + 1
+    scored = ("potstill_tokens_scored_total", ())
+    assert after[scored] == before.get(scored, 0.0) + 6
+    assert after[("potstill_queue_depth", ())] == 0
+
+
+# --- OpenAI-compatible routes, through the official client ---
+
+
+@pytest.fixture(scope="module")
+def client(teacher) -> openai.OpenAI:
+    return openai.OpenAI(base_url=teacher.http_url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def texts(tokenizer):
+    """The text a token is shown as (special tokens as their own text)."""
+    return lambda token_id: {tokenizer.decode([int(token_id)])}
+
+
+def assert_text_keyed(offered: dict[str, float], top_ids, top_logprobs, texts) -> None:
+    """OpenAI's legacy top_logprobs: {token text: log-prob}; ids that decode alike share one key."""
+    by_text: dict[str, list[float]] = {}
+    for token_id, logprob in zip(top_ids, top_logprobs):
+        for text in texts(token_id):
+            by_text.setdefault(text, []).append(logprob)
+    assert offered.keys() <= by_text.keys()
+    assert len(offered) == len({frozenset(texts(i)) for i in top_ids})
+    for text, logprob in offered.items():
+        assert any(abs(logprob - candidate) < 1e-6 for candidate in by_text[text])
+
+
+def score_prompt(http, ids: list[int], k: int) -> dict:
+    """/v1/score of a prompt's own tokens, each given those before it."""
+    body = {"sequences": [{"prompt": ids[:1], "completion": ids[1:]}], "top_logprobs": k}
+    return http.post("/v1/score", json=body).json()["results"][0]
+
+
+def test_openai_echo_scores_the_prompt_like_score(client, http, tokenizer, texts):
+    prompt = "the student learns from the teacher"
+    ids = tokenizer(prompt)["input_ids"]
+    completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    choice = completion.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(ids), 0)
+    scored = score_prompt(http, ids, 5)
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    np.testing.assert_allclose(logprobs.token_logprobs[1:], scored["token_logprobs"], rtol=0, atol=1e-6)
+    for offered, top_ids, top_logprobs in zip(logprobs.top_logprobs[1:], scored["top_ids"], scored["top_logprobs"], strict=True):
+        assert_text_keyed(offered, top_ids, top_logprobs, texts)
+    assert logprobs.text_offset == np.cumsum([0] + [len(t) for t in logprobs.tokens[:-1]]).tolist()
+
+
+def test_openai_completions_equal_generate(client, http, tokenizer, texts):
+    prompt = "hello world"
+    completion = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=6, logprobs=2, seed=11)
+    native = http.post(
+        "/v1/generate", json={"prompts": [prompt], "n": 3, "max_tokens": 6, "seed": 11, "top_logprobs": 2}
+    ).json()["results"][0]["samples"]
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert completion.usage.completion_tokens == sum(len(s["token_ids"]) for s in native)
+    for choice, sample in zip(completion.choices, native, strict=True):
+        assert (choice.text, choice.finish_reason) == (sample["text"], sample["finish_reason"])
+        assert all(token in texts(i) for token, i in zip(choice.logprobs.tokens, sample["token_ids"], strict=True))
+        np.testing.assert_allclose(choice.logprobs.token_logprobs, sample["token_logprobs"], rtol=0, atol=1e-6)
+        for offered, top_ids, top_logprobs in zip(choice.logprobs.top_logprobs, sample["top_ids"], sample["top_logprobs"]):
+            assert_text_keyed(offered, top_ids, top_logprobs, texts)
+    again = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=6, logprobs=2, seed=11)
+    assert [c.text for c in again.choices] == [c.text for c in completion.choices]
+
+
+def test_openai_chat_completions_equal_generate(client, http, texts):
+    messages = [{"role": "system", "content": "answer with digits"}, {"role": "user", "content": "what is 1+1?"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, n=2, max_tokens=5, logprobs=True, top_logprobs=3, seed=5
+    )
+    native = http.post(
+        "/v1/generate", json={"prompts": [messages], "n": 2, "max_tokens": 5, "seed": 5, "top_logprobs": 3}
+    ).json()["results"][0]["samples"]
+    assert chat.object == "chat.completion" and len(chat.choices) == 2
+    assert chat.usage.completion_tokens == sum(len(s["token_ids"]) for s in native)
+    for choice, sample in zip(chat.choices, native, strict=True):
+        assert choice.message.role == "assistant" and choice.message.content == sample["text"]
+        assert choice.finish_reason == sample["finish_reason"]
+        content = choice.logprobs.content
+        assert all(entry.token in texts(i) for entry, i in zip(content, sample["token_ids"], strict=True))
+        assert all(bytes(entry.bytes) == entry.token.encode() for entry in content)
+        np.testing.assert_allclose([e.logprob for e in content], sample["token_logprobs"], rtol=0, atol=1e-6)
+        for entry, top_ids, top_logprobs in zip(content, sample["top_ids"], sample["top_logprobs"]):
+            assert all(t.token in texts(i) for t, i in zip(entry.top_logprobs, top_ids, strict=True))
+            np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], top_logprobs, rtol=0, atol=1e-6)
+
+
+def test_vllm_prompt_logprobs(client, http, tokenizer):
+    prompt = "what is the sum"
+    ids = tokenizer(prompt)["input_ids"]
+    completion = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    entries = completion.choices[0].model_extra["prompt_logprobs"]
+    scored = score_prompt(http, ids, 2)
+    assert len(entries) == len(ids) and entries[0] is None
+    for entry, token, token_logprob, top_ids, top_logprobs in zip(
+        entries[1:], ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"], strict=True
+    ):
+        ranked = {int(i): e for i, e in entry.items() if e["rank"] is not None}
+        assert list(ranked) == top_ids and [e["rank"] for e in ranked.values()] == [1, 2]
+        np.testing.assert_allclose([e["logprob"] for e in ranked.values()], top_logprobs, rtol=0, atol=1e-6)
+        # The prompt's own token is always there, ranked or not.
+        assert entry[str(token)]["logprob"] == pytest.approx(token_logprob, abs=1e-6)
+        assert entry[str(token)]["decoded_token"] == tokenizer.decode([token])
+
+
+def test_vllm_token_id_options(client, http, tokenizer):
+    prompt = "hello world"
+    ids = tokenizer(prompt)["input_ids"]
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    completion = client.completions.create(
+        model="tiny", prompt=prompt, n=2, max_tokens=5, echo=True, logprobs=4, seed=9, extra_body=extra
+    )
+    native = http.post(
+        "/v1/generate", json={"prompts": [prompt], "n": 2, "max_tokens": 5, "seed": 9, "top_logprobs": 4}
+    ).json()["results"][0]["samples"]
+    scored = score_prompt(http, ids, 4)
+    for choice, sample in zip(completion.choices, native, strict=True):
+        assert choice.model_extra["prompt_token_ids"] == ids
+        assert choice.model_extra["token_ids"] == sample["token_ids"]
+        logprobs = choice.logprobs
+        assert logprobs.tokens == [f"token_id:{i}" for i in ids + sample["token_ids"]]
+        # Keyed by id, the top-k keeps every entry: nothing collapses.
+        rows = list(zip(scored["top_ids"], scored["top_logprobs"])) + list(zip(sample["top_ids"], sample["top_logprobs"]))
+        for offered, (top_ids, top_logprobs) in zip(logprobs.top_logprobs[1:], rows, strict=True):
+            assert list(offered) == [f"token_id:{i}" for i in top_ids]
+            np.testing.assert_allclose(list(offered.values()), top_logprobs, rtol=0, atol=1e-6)
+
+
+# --- known defects of the OpenAI layer (src/teacher_service/openai_compat.py); strict: fixing one fails its test ---
+
+
+def test_prompt_logprobs_and_logprobs_keep_their_own_k(client):
+    completion = client.completions.create(
+        model="tiny", prompt="what is the sum", max_tokens=0, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}
+    )
+    choice = completion.choices[0]
+    ranked = [[e for e in entry.values() if e["rank"] is not None] for entry in choice.model_extra["prompt_logprobs"][1:]]
+    assert all(len(entries) == 3 for entries in ranked)
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+
+
+def test_openai_special_tokens_keep_their_text(client, tokenizer):
+    prompt = "<|user|>what is 2+2?<|assistant|>"
+    ids = tokenizer(prompt)["input_ids"]
+    assert {3, 4} <= set(ids)  # <|user|> and <|assistant|> are single special tokens
+    completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert completion.choices[0].logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert completion.choices[0].text == prompt
+
+
+def test_openai_top_logprobs_keep_the_most_likely_of_alike_tokens(client, http, tokenizer, texts):
+    prompt = "the teacher 12+34=46 because"
+    ids = tokenizer(prompt)["input_ids"]
+    completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=20)
+    scored = score_prompt(http, ids, 20)
+    collisions = 0
+    for offered, top_ids, top_logprobs in zip(completion.choices[0].logprobs.top_logprobs[1:], scored["top_ids"], scored["top_logprobs"]):
+        for text, logprob in offered.items():
+            alike = [lp for token_id, lp in zip(top_ids, top_logprobs) if text in texts(token_id)]
+            collisions += len(alike) > 1
+            assert logprob == pytest.approx(max(alike), abs=1e-6), text
+    assert collisions > 0  # a third of this byte-level vocabulary decodes alone to U+FFFD
