@@ -27,13 +27,17 @@ from trainer_client.trainer import train
 from trainer_client.verifiers import get_verifier
 
 VERIFIER = "integer"
+# The toy student learns arithmetic far faster per example in large batches (measured: batch 32
+# reaches ~14% where batch 128 reaches ~97% after 1000 supervised steps).
+BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     output: Path
     cache_dir: Path
-    steps: int = 600
+    steps: int = 2000
+    lr: float = 1.5e-3
     teacher_steps: int | None = None  # None: the toy teacher's own budget
     eval_rows: int = 200
     seed: int = 0
@@ -60,14 +64,15 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     teacher_dir = build_teacher("arith", options.cache_dir, seed=options.seed, **overrides)
     student_dir = build_student(options.cache_dir, seed=options.seed)
     data_dir = options.output / "data"
-    train_path = write_jsonl(make_rows(5000, seed=options.seed), data_dir / "train.jsonl")
+    train_path = write_jsonl(make_rows(20_000, seed=options.seed), data_dir / "train.jsonl")
     eval_rows = make_rows(options.eval_rows, seed=options.seed, split="eval")
     eval_path = write_jsonl(eval_rows, data_dir / "eval.jsonl")
-    teacher_accuracy = _accuracy(teacher_dir, eval_rows)
+    teacher_accuracy = model_accuracy(teacher_dir, eval_rows)
 
     # --- serve and train ---
     console.print(f"[bold]2/4[/] starting two teacher services on loopback (teacher accuracy {teacher_accuracy:.1%})")
-    with TeacherProcess(str(teacher_dir)) as over_grpc, TeacherProcess(str(teacher_dir)) as over_http:
+    # One thread per teacher process: two of them and the trainer share this machine's cores.
+    with TeacherProcess(str(teacher_dir), threads=1) as over_grpc, TeacherProcess(str(teacher_dir), threads=1) as over_http:
         console.print(f"      {over_grpc.grpc_url}  and  {over_http.http_url}")
         console.print(f"[bold]3/4[/] distilling the student: logit-kd, forward KL on the teachers' top-20, {options.steps} steps")
         config = TrainConfig(
@@ -80,9 +85,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
             loss="forward_kl",
             top_k=20,
             steps=options.steps,
-            batch_size=32,
-            lr=3e-3,
-            warmup_steps=min(30, options.steps // 10),
+            batch_size=BATCH_SIZE,
+            lr=options.lr,
+            warmup_steps=min(50, options.steps // 10),
             log_every=10,
             eval_every=max(1, options.steps // 6),
             eval_rows=options.eval_rows,
@@ -103,7 +108,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     return result
 
 
-def _accuracy(model_dir: Path, rows: list[dict]) -> float:
+def model_accuracy(model_dir: Path, rows: list[dict]) -> float:
     model, tokenizer = load(model_dir)
     return accuracy(model, tokenizer, [Row(**r) for r in rows], get_verifier(VERIFIER), max_new_tokens=6)
 
@@ -129,7 +134,7 @@ def _summary_table(result: DemoResult) -> Table:
 def _summary_markdown(result: DemoResult, options: DemoOptions) -> str:
     rows = "\n".join(f"| {name} | {value} |" for name, value in _rows(result))
     return (
-        f"White-box distillation (logit-kd, forward KL on the top-20, {options.steps} steps, batch 32) "
+        f"White-box distillation (logit-kd, forward KL on the top-20, {options.steps} steps, batch {BATCH_SIZE}) "
         "of a toy arithmetic teacher served by two `potstill serve` processes (gRPC and HTTP).\n\n"
         f"| model | held-out accuracy |\n|---|---|\n{rows}\n"
     )
@@ -138,15 +143,16 @@ def _summary_markdown(result: DemoResult, options: DemoOptions) -> str:
 # --- command line ---
 
 
-def _default_cache() -> Path:
+def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "potstill" / "toy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoOptions(output=Path("potstill-demo"), cache_dir=_default_cache())
+    defaults = DemoOptions(output=Path("potstill-demo"), cache_dir=default_cache_dir())
     parser.add_argument("--output", type=Path, default=defaults.output, help="report, plots, metrics and the student (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir, help="where toy models are built and reused (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="student optimizer steps (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="student peak learning rate (default: %(default)s)")
     parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default: the toy teacher's own)")
     parser.add_argument("--eval-rows", type=int, default=defaults.eval_rows, help="held-out problems (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -154,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     options = DemoOptions(
-        output=args.output, cache_dir=args.cache_dir, steps=args.steps,
+        output=args.output, cache_dir=args.cache_dir, steps=args.steps, lr=args.lr,
         teacher_steps=args.teacher_steps, eval_rows=args.eval_rows, seed=args.seed,
     )
     run_demo(options)

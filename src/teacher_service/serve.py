@@ -11,12 +11,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import uvicorn
@@ -51,6 +52,12 @@ class ServeOptions:
     grace_seconds: float = 30.0
 
 
+def _matching(settings_type, source):
+    """`settings_type` built from the attributes of `source` that carry its field names."""
+    names = [f.name for f in fields(settings_type) if hasattr(source, f.name)]
+    return settings_type(**{name: getattr(source, name) for name in names})
+
+
 class _UvicornWithoutSignals(uvicorn.Server):
     """Uvicorn leaves signals to us: one handler stops both servers together."""
 
@@ -64,17 +71,7 @@ class TeacherServer:
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        self.service = TeacherService(
-            ServiceSettings(
-                model=options.model,
-                backend=options.backend,
-                max_top_logprobs=options.max_top_logprobs,
-                max_samples=options.max_samples,
-                max_new_tokens=options.max_new_tokens,
-                max_batch=options.max_batch,
-                max_queued_requests=options.max_queued_requests,
-            )
-        )
+        self.service = TeacherService(_matching(ServiceSettings, options))
         self.grpc = GrpcTeacherServer(self.service, options.api_key, options.max_message_bytes)
         self._http_socket = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
         self._http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,14 +90,10 @@ class TeacherServer:
         await self.grpc.start()
         self._http_task = asyncio.create_task(self.http.serve(sockets=[self._http_socket]))
         log.info("listening: http://%s:%d grpc://%s:%d", self.options.host, self.http_port, self.options.host, self.grpc_port)
-        backend = await asyncio.to_thread(load_backend, self.options.backend, self._backend_config())
+        backend = await asyncio.to_thread(load_backend, self.options.backend, _matching(BackendConfig, self.options))
         self.service.attach(backend)
         await self.grpc.set_serving(True)
         log.info("serving %s with the %s backend", self.options.model, self.options.backend)
-
-    def _backend_config(self) -> BackendConfig:
-        names = {f.name for f in fields(BackendConfig)}
-        return BackendConfig(**{name: getattr(self.options, name) for name in names if hasattr(self.options, name)})
 
     async def stop(self) -> None:
         """Stop accepting requests; those in flight finish within the grace period."""
@@ -184,15 +177,21 @@ class TeacherProcess:
 
     READY = "potstill teacher ready: "
 
-    def __init__(self, model: str, *extra_args: str, host: str = "127.0.0.1", startup_timeout: float = 300.0):
+    def __init__(
+        self, model: str, *extra_args: str, host: str = "127.0.0.1", threads: int | None = None, startup_timeout: float = 300.0
+    ):
         self.command = [sys.executable, "-m", "potstill.cli", "serve", "--model", model, "--host", host,
                         "--http-port", "0", "--grpc-port", "0", *extra_args]
+        # torch reads its CPU thread count from OMP_NUM_THREADS at start.
+        self.environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.http_url = self.grpc_url = ""
 
     def start(self) -> TeacherProcess:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.environment
+        )
         ready = _read_line_with_timeout(self.process, self.READY, self.startup_timeout)
         self.http_url, self.grpc_url = ready.removeprefix(self.READY).split()
         return self
@@ -258,20 +257,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
-    options = ServeOptions(
-        model=args.model,
-        backend=args.backend,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        device=args.device,
-        dtype=args.dtype,
-        api_key=api_key,
-        max_model_len=args.max_model_len,
-        max_top_logprobs=args.max_top_logprobs,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        max_queued_requests=args.max_queued_requests,
-        grace_seconds=args.grace_seconds,
-    )
+    options = replace(_matching(ServeOptions, args), api_key=api_key)
     asyncio.run(serve_until_signalled(options))

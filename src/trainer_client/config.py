@@ -6,11 +6,12 @@ both land in `TrainConfig`, whose errors name the offending key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Method = Literal["sft", "seq-kd", "logit-kd"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
@@ -74,6 +75,12 @@ class TrainConfig(BaseModel):
     teacher_timeout: float = Field(60.0, gt=0, description="Seconds per teacher request.")
     teacher_max_wait: float = Field(600.0, gt=0, description="Seconds to wait for a teacher to come back before stopping.")
     api_key_file: str | None = Field(None, description="File with the teachers' API key.")
+
+    @field_validator("student", "data", "eval_data", "output", "api_key_file")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        # A hub id ("org/model") has no "~" and passes through unchanged.
+        return os.path.expanduser(value) if value else value
 
     @model_validator(mode="after")
     def _teachers_for_method(self) -> TrainConfig:

@@ -17,26 +17,26 @@ from trainer_client.methods import Example, StudentTokens, collate
 
 @torch.inference_mode()
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of text prompts, left-padded in batches, cut at EOS."""
+    """Greedy continuations of text prompts (tokenized as in training), left-padded in batches, cut at EOS."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     completions = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        batch = tokenizer(prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt").to(device)
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-        completions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return completions
 
 
-def accuracy(model, tokenizer, rows: list[Row], verify: Callable[[str, str], bool], max_new_tokens: int) -> float:
+def accuracy(
+    model, tokenizer, rows: list[Row], verify: Callable[[str, str], bool], max_new_tokens: int, batch_size: int = 64
+) -> float:
     """Fraction of rows whose greedy completion the verifier accepts against the row's answer."""
-    completions = greedy_completions(model, tokenizer, [r.prompt for r in rows], max_new_tokens)
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    completions = greedy_completions(model, tokenizer, [r.prompt for r in rows], max_new_tokens, batch_size)
     return sum(verify(c, r.answer) for c, r in zip(completions, rows)) / len(rows)
 
 

@@ -78,6 +78,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
     prefetcher = Prefetcher(method, data, config, accelerator, runner)
     waited = stepped = 0.0
     step = start_step
+    final_eval: dict[str, float] = {}
     try:
         with _progress_bar(progress and accelerator.is_main_process) as bar:
             task = bar.add_task("train", total=config.steps, completed=start_step, status="")
@@ -91,7 +92,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                                    "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
                                    "teacher_wait_fraction": waited / stepped})
                 if evaluator and (done % config.eval_every == 0 or done == config.steps):
-                    metrics.write({"step": done, **evaluator(accelerator.unwrap_model(model))})
+                    final_eval = evaluator(accelerator.unwrap_model(model))
+                    metrics.write({"step": done, **final_eval})
                 if done % config.save_every == 0 and done < config.steps:
                     save_checkpoint(accelerator, output, done)
                 rate = (done - start_step) / stepped
@@ -110,8 +112,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2))
             runner.close()
 
-    # --- evaluate and save ---
-    final_eval = evaluator(accelerator.unwrap_model(model)) if evaluator else {}
+    # --- save (the last evaluation ran at the last step) ---
     save_final(accelerator, model, tokenizer, output)
     if accelerator.is_main_process:
         write_report(output)

@@ -1,11 +1,16 @@
 """Synthetic verifiable tasks: multi-digit addition and subtraction.
 
-A row is `{"prompt": "37+45=", "completion": "82", "answer": "82"}`. The prompt is plain text (no
+A row is `{"prompt": "37+45=", "completion": "082", "answer": "082"}`. The prompt is plain text (no
 chat template), so a teacher scores `prompt + completion` directly, and the completion is the
 answer and nothing else: models learn to emit EOS right after it.
 
 Rules that keep the task clean:
-- Operands are drawn uniformly from [0, 10**digits), so `digits` is the most digits an operand has.
+- Every operand has exactly `digits` digits (0-9 when `digits` is 1): digit positions line up
+  from one prompt to the next, which tiny models learn much faster than ragged operands.
+- Answers are zero-padded to a fixed width (digits + 1 for addition, digits for subtraction), so
+  each answer digit sits at a fixed distance from the operand digits that decide it. A 96-wide
+  student after 1000 steps of batch 128 reached 57-100% over four seeds with ragged answers and
+  96-99% over three with padded ones. The integer verifier reads "082" as 82: "82" is right too.
 - Subtraction puts the larger operand first, so answers are never negative. A leading "-" would
   merge with the "=" into one BPE token, and `prompt + completion` would no longer tokenize as the
   prompt's tokens followed by the completion's.
@@ -24,7 +29,7 @@ from trainer_client.verifiers import verify_integer as verify  # the task's veri
 
 OPS = ("+", "-")
 SPLITS = ("train", "eval")
-EVAL_FRACTION = 0.1  # of all problems; 2-digit add+sub has ~1,500 held-out problems
+EVAL_FRACTION = 0.1  # of all problems: 2-digit add+sub holds out ~1,200 of ~12,200
 
 
 def is_held_out(prompt: str) -> bool:
@@ -33,19 +38,21 @@ def is_held_out(prompt: str) -> bool:
     return int.from_bytes(digest[:8], "big") < EVAL_FRACTION * 2**64
 
 
-def _problem(rng: random.Random, op: str, digits: int) -> tuple[str, int]:
-    """A random prompt for `op` and its true result."""
-    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+def _problem(rng: random.Random, op: str, digits: int) -> tuple[str, str]:
+    """A random prompt for `op` and its answer (zero-padded to the op's width)."""
+    low = 10 ** (digits - 1) if digits > 1 else 0
+    a, b = rng.randrange(low, 10**digits), rng.randrange(low, 10**digits)
     if op == "-":
         a, b = max(a, b), min(a, b)  # never a negative answer (see the module docstring)
-    return f"{a}{op}{b}=", a + b if op == "+" else a - b
+    if op == "+":
+        return f"{a}+{b}=", str(a + b).zfill(digits + 1)
+    return f"{a}-{b}=", str(a - b).zfill(digits)
 
 
 def corrupt(answer: str, rng: random.Random) -> str:
-    """The answer with one digit replaced by a different one (never a new leading zero)."""
+    """The answer with one digit, chosen at random, replaced by a different digit."""
     position = rng.randrange(len(answer))
-    lowest = 1 if position == 0 and len(answer) > 1 else 0
-    digit = rng.choice([d for d in "0123456789"[lowest:] if d != answer[position]])
+    digit = rng.choice([d for d in "0123456789" if d != answer[position]])
     return answer[:position] + digit + answer[position + 1 :]
 
 
@@ -78,10 +85,9 @@ def make_rows(
     rng = random.Random(f"{seed}/{split}")  # the same seed gives unrelated streams per split
     rows = []
     while len(rows) < n:
-        prompt, result = _problem(rng, rng.choice(ops), digits)
+        prompt, answer = _problem(rng, rng.choice(ops), digits)
         if is_held_out(prompt) != (split == "eval"):
             continue
-        answer = str(result)
         completion = corrupt(answer, rng) if rng.random() < wrong_rate else answer
         rows.append({"prompt": prompt, "completion": completion, "answer": answer})
     return rows

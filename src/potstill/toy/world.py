@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from potstill.toy.arithmetic import make_rows
 from potstill.toy.models import build_tiny_model
-from trainer_client.verifiers import Verifier, get_verifier
 
 MARKER = "potstill-toy.json"  # written last: its presence means the folder is complete
 IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
@@ -38,10 +37,16 @@ class TeacherSpec:
     hidden_size: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 3e-3
-    train_rows: int = 20_000
+    steps: int = 1500
+    batch_size: int = 128  # batches of 32 learned several times slower per example
+    lr: float = 1e-3  # 2e-3 sometimes stalls a 128-wide model
+    train_rows: int = 50_000  # draws from ~11,000 train problems: nearly all of them
+
+    def __post_init__(self):
+        if min(self.steps, self.batch_size, self.train_rows) < 1 or self.lr <= 0:
+            raise ValueError("steps, batch_size, train_rows and lr must be positive")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
 
 
 TEACHER_SPECS: dict[str, TeacherSpec] = {
@@ -53,8 +58,14 @@ TEACHER_SPECS: dict[str, TeacherSpec] = {
     ),
 }
 
-# Smaller than every teacher: distillation has a gap to close.
-STUDENT_CONFIG = {"hidden_size": 64, "layers": 2, "heads": 4}
+# Smaller than every teacher (332k parameters against 574k), so distillation has a gap to close.
+# 64-wide students learned the task too, but only for some seeds within 1000 steps (61-99%).
+STUDENT_CONFIG = {"hidden_size": 96, "layers": 2, "heads": 4}
+
+# A training budget the student meets: `train_supervised` on ground-truth rows with these settings
+# reached 96-98% held-out accuracy after 1000 steps (76-88% after 500) for seeds 0-2; batches of
+# 32 or 64 stayed under 20% after 1000 steps.
+STUDENT_SFT = {"steps": 1000, "batch_size": 128, "lr": 1.5e-3}
 
 
 def build_teacher(name: str, cache_dir: str | Path, seed: int = 0, **overrides) -> Path:
@@ -92,7 +103,8 @@ def build_student(cache_dir: str | Path, seed: int = 0) -> Path:
 
 def load(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (float32, CPU) and tokenizer saved under `path`."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _is_cached(path: Path, recipe: dict) -> bool:
@@ -129,15 +141,16 @@ def encode_rows(
     """
     prompts = tokenizer([row["prompt"] for row in rows], add_special_tokens=False)["input_ids"]
     completions = tokenizer([row["completion"] for row in rows], add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) + 1
+    targets = [completion + [tokenizer.eos_token_id] for completion in completions]
+    width = max(len(prompt) + len(target) for prompt, target in zip(prompts, targets))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX)
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        target = completion + [tokenizer.eos_token_id]
-        input_ids[i, : len(prompt) + len(target)] = torch.tensor(prompt + target)
-        labels[i, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
-    lengths = torch.tensor([len(p) + len(c) + 1 for p, c in zip(prompts, completions)])
-    attention_mask = (torch.arange(width) < lengths[:, None]).long()
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        end = len(prompt) + len(target)
+        input_ids[i, :end] = torch.tensor(prompt + target)
+        attention_mask[i, :end] = 1
+        labels[i, len(prompt) : end] = torch.tensor(target)
     return input_ids, attention_mask, labels
 
 
@@ -158,24 +171,28 @@ def train_supervised(
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict],
     steps: int,
-    batch_size: int = 64,
-    lr: float = 3e-3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Next-token training on the rows' completions (AdamW, warmup + cosine); returns the losses.
 
-    Each step draws a random batch of rows; `on_step(step, loss)` runs after every update.
+    Each step draws a random batch of rows (seeded); `on_step(step, loss)` runs after every
+    update. The model ends in the mode (train or eval) it started in.
     """
-    input_ids, attention_mask, labels = encode_rows(tokenizer, rows)
+    tensors = [t.to(model.device) for t in encode_rows(tokenizer, rows)]  # input_ids, mask, labels
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, min(100, steps // 10 + 1)))
+    warmup = min(100, steps // 10 + 1)  # short runs (tests) still get a warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup))
+    was_training = model.training
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        batch = torch.randint(len(rows), (batch_size,), generator=generator)
-        loss = model(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
+        batch = torch.randint(len(rows), (batch_size,), generator=generator).to(model.device)
+        input_ids, attention_mask, labels = (t[batch] for t in tensors)  # [batch_size, width] each
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -183,52 +200,5 @@ def train_supervised(
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-    model.eval()
-    return losses
-
-
-@torch.no_grad()
-def generate_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    max_new_tokens: int = 8,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy completions of the prompts (left-padded batches), each cut at its first EOS."""
-    was_training = model.training
-    model.eval()
-    completions = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[start : start + batch_size], add_special_tokens=False, padding=True,
-            padding_side="left", return_tensors="pt",
-        )
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        completions += [_decode_until_eos(tokenizer, ids) for ids in output[:, batch["input_ids"].shape[1] :]]
     model.train(was_training)
-    return completions
-
-
-def _decode_until_eos(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> str:
-    ids = ids.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids)
-
-
-def evaluate_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: list[dict],
-    verifier: Verifier | str,
-    max_new_tokens: int = 8,
-    batch_size: int = 64,
-) -> float:
-    """The share of rows whose greedy completion the verifier (a callable or its name) accepts."""
-    verify = get_verifier(verifier) if isinstance(verifier, str) else verifier
-    completions = generate_completions(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens, batch_size)
-    return sum(verify(text, row["answer"]) for text, row in zip(completions, rows)) / len(rows)
+    return losses

@@ -1,0 +1,67 @@
+"""`potstill demo`, shortened: the whole pipeline runs, reports, and leaves no teacher process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from potstill.demo import DemoOptions, run_demo
+
+SHORT = ["--steps", "12", "--teacher-steps", "40", "--eval-rows", "32"]
+
+
+def _teacher_processes() -> list[psutil.Process]:
+    """`potstill serve` processes started from this test process, directly or through a child."""
+    return [
+        p for p in psutil.Process().children(recursive=True)
+        if "serve" in p.cmdline() and "potstill.cli" in p.cmdline()
+    ]
+
+
+def test_shortened_demo_runs_end_to_end(tmp_path):
+    options = DemoOptions(output=tmp_path / "out", cache_dir=tmp_path / "cache", steps=12, teacher_steps=40, eval_rows=32)
+    result = run_demo(options)
+    assert 0.0 <= result.student_before <= result.teacher_accuracy <= 1.0
+    assert result.report.exists()
+    report = result.report.read_text()
+    assert "teacher accuracy recovered" in report
+    for plot in ("loss.png", "kl.png", "accuracy.png", "teacher_traffic.png"):
+        assert (options.output / plot).stat().st_size > 0, plot
+    traffic = json.loads((options.output / "teacher_traffic.json").read_text())
+    assert len(traffic) == 2 and all(t["requests"] > 0 for t in traffic.values()), traffic
+    assert {url.split(":")[0] for url in traffic} == {"grpc", "http"}
+    assert not _teacher_processes()
+
+
+def test_ctrl_c_stops_the_demo_and_its_teachers(tmp_path):
+    command = [sys.executable, "-m", "potstill.cli", "demo", "--output", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "cache"), *SHORT, "--steps", "100000"]
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    for line in demo.stdout:  # wait until training is under way, teachers up
+        if line.startswith("3/4"):
+            break
+    time.sleep(3)
+    teachers = _teacher_processes()
+    assert len(teachers) == 2
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=60) != 0
+    gone, alive = psutil.wait_procs(teachers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    # The interrupted run kept its progress: a checkpoint to resume from.
+    assert list(Path(tmp_path / "out" / "checkpoints").glob("step-*/trainer_state.json"))
+
+
+def test_demo_help_names_its_options(capsys):
+    from potstill.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--output" in capsys.readouterr().out
