@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -48,75 +51,99 @@ class RunResult:
 
 
 def train(config: TrainConfig, progress: bool = True) -> RunResult:
-    # --- build ---
-    output = Path(config.output)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    set_seed(config.seed)
-    tokenizer, model = load_student(config.student)
-    tokens = StudentTokens(tokenizer, config.max_seq_len)
-    data = load_rows(config.data, config.skip_bad_rows)
-    eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
-    runner = connect_teachers(config, tokenizer, model) if config.teachers else None
-    pool = runner.pool if runner else None
-    method = METHODS[config.method](config, tokens, pool)
-    evaluator = build_evaluator(config, eval_rows, tokens, runner) if eval_rows else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    start_step = resume_from_checkpoint(accelerator, output) if config.resume else 0
-    metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None)
-    if accelerator.is_main_process:
+    with contextlib.ExitStack() as cleanup:
+        # --- build ---
+        output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(config.model_dump_json(indent=2))
-        if data.skipped:
-            print(f"skipped {data.skipped} malformed rows of {config.data}")
-
-    # --- train ---
-    if evaluator and start_step == 0:
-        metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
-    prefetcher = Prefetcher(method, data, config, accelerator, runner)
-    waited = stepped = 0.0
-    step = start_step
-    final_eval: dict[str, float] = {}
-    try:
-        with _progress_bar(progress and accelerator.is_main_process) as bar:
-            task = bar.add_task("train", total=config.steps, completed=start_step, status="")
-            for step in range(start_step, config.steps):
-                started = time.perf_counter()
-                losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, step, config)
-                waited, stepped = waited + wait, stepped + time.perf_counter() - started
-                done = step + 1
-                if done % config.log_every == 0 or done == config.steps:
-                    metrics.write({"step": done, **losses, "lr": scheduler.get_last_lr()[0],
-                                   "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
-                                   "teacher_wait_fraction": waited / stepped})
-                if evaluator and (done % config.eval_every == 0 or done == config.steps):
-                    final_eval = evaluator(accelerator.unwrap_model(model))
-                    metrics.write({"step": done, **final_eval})
-                if done % config.save_every == 0 and done < config.steps:
-                    save_checkpoint(accelerator, output, done)
-                rate = (done - start_step) / stepped
-                bar.update(task, completed=done, status=f"{rate:.2f} step/s  loss {losses['loss']:.4f}  waiting on teachers {waited / stepped:.0%}")
-    except KeyboardInterrupt:
-        save_checkpoint(accelerator, output, step)
-        raise
-    except TeacherUnavailable as error:
-        save_checkpoint(accelerator, output, step)
-        raise TeacherUnavailable(
-            f"{error}; {step} completed steps are checkpointed in {output} — rerun with --resume once a teacher is back"
-        ) from error
-    finally:
-        prefetcher.close()
+        accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+        set_seed(config.seed)
+        tokenizer, model = load_student(config.student)
+        tokens = StudentTokens(tokenizer, config.max_seq_len)
+        data = load_rows(config.data, config.skip_bad_rows)
+        eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
+        runner = cleanup.enter_context(connect_teachers(config, tokenizer, model)) if config.teachers else None
         if runner:
-            (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2))
-            runner.close()
+            cleanup.callback(lambda: (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2)))
+        method = METHODS[config.method](config, tokens, runner.pool if runner else None)
+        evaluator = build_evaluator(config, eval_rows, tokens, runner) if eval_rows else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        start_step = resume_from_checkpoint(accelerator, output) if config.resume else 0
+        metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None)
+        if accelerator.is_main_process:
+            (output / "config.json").write_text(config.model_dump_json(indent=2))
+            if data.skipped:
+                print(f"skipped {data.skipped} malformed rows of {config.data}")
+
+        # --- train ---
+        if evaluator and start_step == 0:
+            metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
+        prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner)))
+        stop_requested = cleanup.enter_context(_stop_at_step_boundary())
+        waited = stepped = 0.0
+        completed = start_step  # steps whose update the model holds: what a checkpoint must record
+        final_eval: dict[str, float] = {}
+        try:
+            with _progress_bar(progress and accelerator.is_main_process) as bar:
+                task = bar.add_task("train", total=config.steps, completed=start_step, status="")
+                for step in range(start_step, config.steps):
+                    started = time.perf_counter()
+                    losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, step, config)
+                    completed = step + 1
+                    waited, stepped = waited + wait, stepped + time.perf_counter() - started
+                    if completed % config.log_every == 0 or completed == config.steps:
+                        metrics.write({"step": completed, **losses, "lr": scheduler.get_last_lr()[0],
+                                       "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
+                                       "teacher_wait_fraction": waited / stepped})
+                    if evaluator and (completed % config.eval_every == 0 or completed == config.steps):
+                        final_eval = evaluator(accelerator.unwrap_model(model))
+                        metrics.write({"step": completed, **final_eval})
+                    if completed % config.save_every == 0 and completed < config.steps:
+                        save_checkpoint(accelerator, output, completed)
+                    rate = (completed - start_step) / stepped
+                    bar.update(task, completed=completed,
+                               status=f"{rate:.2f} step/s  loss {losses['loss']:.4f}  waiting on teachers {waited / stepped:.0%}")
+                    if stop_requested.is_set():
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            save_checkpoint(accelerator, output, completed)
+            print(f"interrupted: {completed} completed steps are checkpointed in {output}; continue with --resume")
+            raise
+        except TeacherUnavailable as error:
+            save_checkpoint(accelerator, output, completed)
+            raise TeacherUnavailable(
+                f"{error}; {completed} completed steps are checkpointed in {output} — rerun with --resume once a teacher is back"
+            ) from error
 
     # --- save (the last evaluation ran at the last step) ---
     save_final(accelerator, model, tokenizer, output)
     if accelerator.is_main_process:
         write_report(output)
     return RunResult(output, config.steps, final_eval, waited / stepped if stepped else 0.0)
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary():
+    """A first Ctrl-C asks the run to stop after the current step (the event is set); a second one
+    interrupts at once. Outside the main thread signals cannot be caught, and Ctrl-C interrupts as usual."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def on_interrupt(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_student(name: str):
