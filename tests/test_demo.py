@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,16 +46,23 @@ def test_ctrl_c_stops_the_demo_and_its_teachers(tmp_path):
     command = [sys.executable, "-m", "potstill.cli", "demo", "--output", str(tmp_path / "out"),
                "--cache-dir", str(tmp_path / "cache"), *SHORT, "--steps", "100000"]
     demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
-    for line in demo.stdout:  # wait until training is under way, teachers up
-        if line.startswith("3/4"):
-            break
-    time.sleep(3)
-    teachers = _teacher_processes()
-    assert len(teachers) == 2
-    demo.send_signal(signal.SIGINT)
-    assert demo.wait(timeout=60) != 0
-    gone, alive = psutil.wait_procs(teachers, timeout=30)
-    assert not alive, [p.cmdline() for p in alive]
+    try:
+        for line in demo.stdout:  # wait until training is under way, teachers up
+            if line.startswith("3/4"):
+                break
+        time.sleep(3)
+        teachers = _teacher_processes()
+        assert len(teachers) == 2
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=120) != 0
+        gone, alive = psutil.wait_procs(teachers, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:  # whatever failed above, leave nothing running
+        leftovers = _teacher_processes()
+        demo.kill()  # a no-op once it has exited
+        for process in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
     # The interrupted run kept its progress: a checkpoint to resume from.
     assert list(Path(tmp_path / "out" / "checkpoints").glob("step-*/trainer_state.json"))
 
