@@ -109,7 +109,7 @@ class TeacherService:
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         backend = self._require_backend()
         items = [
-            ScoreItem(self._prompt_ids(s.prompt), self._completion_ids(s.completion))
+            ScoreItem(self.prompt_ids(s.prompt), self._completion_ids(s.completion))
             for s in request.sequences
         ]
         for index, item in enumerate(items):
@@ -122,7 +122,7 @@ class TeacherService:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         backend = self._require_backend()
-        prompts = [self._prompt_ids(prompt) for prompt in request.prompts]
+        prompts = [self.prompt_ids(prompt) for prompt in request.prompts]
         for index, prompt in enumerate(prompts):
             self._check_length(len(prompt) + request.max_tokens, f"prompts.{index}")
         params = SamplingParams(
@@ -139,13 +139,10 @@ class TeacherService:
 
     # --- helpers shared by the OpenAI-compatible layer ---
 
-    def tokenize_prompt(self, prompt: Any) -> list[int]:
-        return self._prompt_ids(prompt)
-
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_backend().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _prompt_ids(self, prompt: str | list) -> list[int]:
+    def prompt_ids(self, prompt: str | list) -> list[int]:
         backend = self._require_backend()
         if isinstance(prompt, str):
             return backend.encode(prompt)

@@ -44,19 +44,16 @@ class Evaluator:
     def __init__(
         self,
         rows: list[Row],
+        examples: list[Example],
         tokens: StudentTokens,
-        teacher_view: list[Example] | None,
         verify: Callable[[str, str], bool] | None,
         max_new_tokens: int,
         batch_size: int = 32,
     ):
-        """`teacher_view`: the held-out reference examples with the teachers' top-k attached (or None)."""
+        """`examples`: the held-out reference completions, with the teachers' top-k attached where known."""
         self.rows = rows
+        self.examples = examples
         self.tokens = tokens
-        self.with_completion = [r for r in rows if r.completion is not None]
-        self.examples = teacher_view or [
-            Example(*tokens.fit(tokens.prompt(r.prompt), tokens.target(r.completion))) for r in self.with_completion
-        ]
         self.verify = verify if verify is not None and all(r.answer is not None for r in rows) else None
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

@@ -175,7 +175,7 @@ def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: Po
     if runner and config.white_box and examples:
         runner.run(attach_teacher_distributions(runner.pool, examples, config.top_k, temperature=1.0))
     verify = get_verifier(config.verifier) if config.verifier else None
-    return Evaluator(rows, tokens, examples if runner and config.white_box else None, verify, config.eval_max_new_tokens)
+    return Evaluator(rows, examples, tokens, verify, config.eval_max_new_tokens)
 
 
 def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher, step: int, config: TrainConfig):
