@@ -1,18 +1,25 @@
 """Distillation quality at a fixed student budget: which way of learning from a teacher works best.
 
-    python bench/quality.py [--steps 1000] [--seeds 0 1 2] [--output bench-quality]
+    python bench/quality.py [--steps 2000] [--seeds 0 1 2] [--methods NAME ...] [--output bench-quality]
 
 Builds (or reuses) the toy arithmetic teacher, serves it with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
-steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified) as mean ± std
-over the seeds, and the share of the teacher's accuracy each method recovers.
+steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
+measured by the trainer's own evaluation) at a quarter, half and all of the budget as
+mean ± std over the seeds, and the share of the teacher's accuracy each method recovers.
+
+A run whose metrics already reach the last step is read back, not trained again, so an
+interrupted benchmark picks up at the run it stopped in (which starts again from step 0). The table is printed and written, as
+Markdown, to OUTPUT/quality.md with the raw numbers in OUTPUT/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +30,7 @@ from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.world import build_student, build_teacher
 from teacher_service.serve import TeacherProcess
 from trainer_client.config import TrainConfig
+from trainer_client.report import read_metrics
 from trainer_client.trainer import train
 
 # Row name -> TrainConfig settings; None means the untrained student.
@@ -34,52 +42,115 @@ METHODS: dict[str, dict | None] = {
     "logit-kd reverse KL": {"method": "logit-kd", "loss": "reverse_kl"},
     "logit-kd JSD(0.5)": {"method": "logit-kd", "loss": "jsd", "beta": 0.5},
 }
+CHECKPOINTS = 4  # accuracy is measured every steps / CHECKPOINTS
 
 
-def run_method(settings: dict | None, seed: int, paths: dict[str, Path], teacher_url: str, steps: int, eval_rows: list[dict]) -> float:
-    student = build_student(paths["cache"], seed=seed)
+@dataclass(frozen=True)
+class Bench:
+    """What every run shares: the budget, the data, the served teacher, where runs are written."""
+
+    steps: int
+    train_data: Path
+    eval_data: Path
+    eval_rows: list[dict]
+    teacher_url: str
+    student_cache: Path
+    output: Path
+
+
+def accuracy_curve(bench: Bench, settings: dict | None, seed: int) -> dict[int, float]:
+    """Held-out accuracy by step for one method and seed; the untrained student is flat at its step-0 value."""
+    student = build_student(bench.student_cache / f"seed-{seed}", seed=seed)
     if settings is None:
-        return model_accuracy(student, eval_rows)
-    config = TrainConfig(
-        student=str(student), teachers=[teacher_url], data=str(paths["train"]),
-        output=str(paths["output"] / f"{settings['method']}-{settings.get('loss', '')}-{seed}"),
-        steps=steps, batch_size=BATCH_SIZE, lr=1.5e-3, warmup_steps=min(50, steps // 10), seed=seed,
-        max_new_tokens=6, log_every=max(1, steps // 10), save_every=10**9, **settings,
-    )
-    result = train(config, progress=False)
-    return model_accuracy(result.output / "final", eval_rows)
+        untrained = model_accuracy(student, bench.eval_rows)
+        return {step: untrained for step in (0, *checkpoint_steps(bench.steps))}
+    run_dir = bench.output / f"{settings['method']}-{settings.get('loss', '')}-{seed}"
+    if not _finished(run_dir, bench.steps):
+        config = TrainConfig(
+            student=str(student), teachers=[bench.teacher_url], data=str(bench.train_data), eval_data=str(bench.eval_data),
+            output=str(run_dir), steps=bench.steps, batch_size=BATCH_SIZE, lr=1.5e-3, warmup_steps=min(50, bench.steps // 10),
+            seed=seed, max_new_tokens=6, log_every=max(1, bench.steps // 10), save_every=10**9,
+            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), verifier=VERIFIER, eval_max_new_tokens=6, **settings,
+        )
+        train(config, progress=False)
+    return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}
+
+
+def checkpoint_steps(steps: int) -> list[int]:
+    return [steps * (i + 1) // CHECKPOINTS for i in range(CHECKPOINTS)]
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    return any(m.get("step") == steps and "eval/accuracy" in m for m in read_metrics(run_dir))
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1%} ± {spread:.1%}"
+
+
+def results_table(results: dict[str, list[dict[int, float]]], steps: int, teacher_accuracy: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per method, accuracy at each checkpoint (mean ± std over seeds), per-seed finals, recovered."""
+    header = ["method", *(f"accuracy @ {s} steps" for s in checkpoint_steps(steps)), f"per seed @ {steps}", "teacher accuracy recovered"]
+    rows = []
+    for name, curves in results.items():
+        finals = [curve[steps] for curve in curves]
+        rows.append([
+            name,
+            *(mean_std([curve[s] for curve in curves]) for s in checkpoint_steps(steps)),
+            " / ".join(f"{value:.1%}" for value in finals),
+            f"{statistics.mean(finals) / teacher_accuracy:.1%}" if teacher_accuracy else "n/a (teacher at 0%)",
+        ])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2000, help="student steps per run (default: %(default)s, the demo's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="NAME",
+                        help=f"rows to run (default: all of {', '.join(METHODS)})")
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--output", type=Path, default=Path("bench-quality"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default: the toy teacher's own)")
     args = parser.parse_args()
+    if args.steps < CHECKPOINTS:
+        parser.error(f"--steps must be at least {CHECKPOINTS}")
 
-    teacher = build_teacher("arith", args.cache_dir)
+    teacher = build_teacher("arith", args.cache_dir, **({"steps": args.teacher_steps} if args.teacher_steps else {}))
     eval_rows = make_rows(args.eval_rows, seed=0, split="eval")
-    paths = {"cache": args.cache_dir / "bench-students", "output": args.output,
-             "train": write_jsonl(make_rows(5000, seed=0), args.output / "train.jsonl")}
     teacher_accuracy = model_accuracy(teacher, eval_rows)
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[dict[int, float]]] = {}
     started = time.perf_counter()
     with TeacherProcess(str(teacher), threads=1) as served:
-        for name, settings in METHODS.items():
-            results[name] = [run_method(settings, seed, paths, served.grpc_url, args.steps, eval_rows) for seed in args.seeds]
-            Console().print(f"{name}: {results[name]}  ({time.perf_counter() - started:.0f} s so far)")
+        bench = Bench(
+            steps=args.steps, train_data=write_jsonl(make_rows(5000, seed=0), args.output / "train.jsonl"),
+            eval_data=write_jsonl(eval_rows, args.output / "eval.jsonl"), eval_rows=eval_rows,
+            teacher_url=served.grpc_url, student_cache=args.cache_dir / "bench-students", output=args.output,
+        )
+        for name in args.methods:
+            results[name] = [accuracy_curve(bench, METHODS[name], seed) for seed in args.seeds]
+            finals = ", ".join(f"{curve[args.steps]:.1%}" for curve in results[name])
+            Console().print(f"{name}: {finals}  ({time.perf_counter() - started:.0f} s so far)")
 
-    table = Table(title=f"Held-out accuracy after {args.steps} steps x {BATCH_SIZE} prompts, {len(args.seeds)} seeds "
-                  f"(teacher: {teacher_accuracy:.1%}, verifier: {VERIFIER})")
-    for column in ("method", "accuracy (mean ± std)", "teacher accuracy recovered"):
-        table.add_column(column, justify="right" if column != "method" else "left")
-    for name, values in results.items():
-        mean = statistics.mean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        table.add_row(name, f"{mean:.1%} ± {spread:.1%}", f"{mean / teacher_accuracy:.1%}")
+    header, rows = results_table(results, args.steps, teacher_accuracy)
+    title = (f"Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x {BATCH_SIZE} "
+             f"prompts, seeds {', '.join(map(str, args.seeds))}; teacher: {teacher_accuracy:.1%}")
+    table = Table(*header, title=title)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+    (args.output / "quality.md").write_text(f"{title}\n\n{markdown(header, rows)}")
+    (args.output / "results.json").write_text(json.dumps(
+        {"steps": args.steps, "seeds": args.seeds, "teacher_accuracy": teacher_accuracy,
+         "accuracy_by_step": {name: [{str(k): v for k, v in curve.items()} for curve in curves] for name, curves in results.items()}},
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ def pytest_collection_modifyitems(config, items):
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised tiny Llama with the project's tokenizer, saved in HF format."""
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-teacher", seed=0))
+
+
+@pytest.fixture(scope="session")
+def toy_cache_dir(tmp_path_factory) -> Path:
+    """One toy-model cache for the session: the shortened demo and benchmark build their teacher once."""
+    return tmp_path_factory.mktemp("toy-cache")
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,8 @@ def _teacher_processes() -> list[psutil.Process]:
     ]
 
 
-def test_shortened_demo_runs_end_to_end(tmp_path):
-    options = DemoOptions(output=tmp_path / "out", cache_dir=tmp_path / "cache", steps=12, teacher_steps=40, eval_rows=32)
+def test_shortened_demo_runs_end_to_end(tmp_path, toy_cache_dir):
+    options = DemoOptions(output=tmp_path / "out", cache_dir=toy_cache_dir, steps=12, teacher_steps=40, eval_rows=32)
     result = run_demo(options)
     assert 0.0 <= result.student_before <= result.teacher_accuracy <= 1.0
     assert result.report.exists()
@@ -42,9 +42,9 @@ def test_shortened_demo_runs_end_to_end(tmp_path):
     assert not _teacher_processes()
 
 
-def test_ctrl_c_stops_the_demo_and_its_teachers(tmp_path):
+def test_ctrl_c_stops_the_demo_and_its_teachers(tmp_path, toy_cache_dir):
     command = [sys.executable, "-m", "potstill.cli", "demo", "--output", str(tmp_path / "out"),
-               "--cache-dir", str(tmp_path / "cache"), *SHORT, "--steps", "100000"]
+               "--cache-dir", str(toy_cache_dir), *SHORT, "--steps", "100000"]
     demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     try:
         for line in demo.stdout:  # wait until training is under way, teachers up

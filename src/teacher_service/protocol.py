@@ -210,6 +210,7 @@ class ModelInfo(BaseModel):
     max_new_tokens: int
     tokenizer_fingerprint: str
     eos_token_id: int
+    max_batch: int
 
 
 @dataclass(frozen=True)

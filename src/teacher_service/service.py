@@ -104,6 +104,7 @@ class TeacherService:
             max_new_tokens=self.settings.max_new_tokens,
             tokenizer_fingerprint=description.tokenizer_fingerprint,
             eos_token_id=description.eos_token_id,
+            max_batch=self.settings.max_batch,
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:

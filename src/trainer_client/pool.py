@@ -26,8 +26,9 @@ flight. `TeacherUnavailable` is retried with exponential backoff (tenacity), on 
 when there is one; the failing replica is marked dead and probed again (with `model_info`)
 after a backoff of its own. When no replica is alive the request waits, probing, for up to
 `max_wait` seconds, then raises `TeacherUnavailable`. `TeacherRequestError` propagates at once.
-A request's answer is always whole: the pool returns the full answer of one replica or raises,
-so a training step is never lost half-way nor counted twice.
+A request's answer is always whole: the pool returns the full answer or raises, so a training
+step is never lost half-way nor counted twice. A batch larger than the teacher's `max_batch`
+goes as several requests (spread over the replicas like any others), answered in order.
 
 `PoolRunner` runs a pool in a background thread for synchronous code.
 """
@@ -332,12 +333,22 @@ class TeacherPool:
     # --- requests ---
 
     async def score(self, group_name: str, request: dict) -> ScoreResponse:
-        """The teacher's top-k distributions (a /v1/score body), from one of its replicas."""
-        return await self._request(group_name, "score", request)
+        """The teacher's top-k distributions (a /v1/score body), one result per sequence, in order."""
+        return ScoreResponse(await self._split_by_max_batch(group_name, "score", request, "sequences"))
 
     async def generate(self, group_name: str, request: dict) -> GenerateResponse:
-        """Samples (a /v1/generate body), from one of its replicas."""
-        return await self._request(group_name, "generate", request)
+        """Samples (a /v1/generate body), one result per prompt, in order."""
+        return GenerateResponse(await self._split_by_max_batch(group_name, "generate", request, "prompts"))
+
+    async def _split_by_max_batch(self, group_name: str, method: str, request: dict, items_key: str) -> list:
+        """The results of `request`, sent as requests of at most the teacher's `max_batch` items, concurrently."""
+        limit = self.group(group_name).info.max_batch
+        items = request[items_key]
+        if not limit or len(items) <= limit:
+            return (await self._request(group_name, method, request)).results
+        parts = [{**request, items_key: items[start : start + limit]} for start in range(0, len(items), limit)]
+        answers = await asyncio.gather(*(self._request(group_name, method, part) for part in parts))
+        return [result for answer in answers for result in answer.results]
 
     async def _request(self, group_name: str, method: str, request: dict) -> Any:
         group = self.group(group_name)

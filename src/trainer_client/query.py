@@ -158,7 +158,7 @@ def _print_info(console: Console, args, info: ModelInfo, answer, tokenizer) -> N
     console.print(table)
 
 
-_MAY_BE_UNKNOWN = {"tokenizer_fingerprint", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "max_new_tokens"}
+_MAY_BE_UNKNOWN = {"tokenizer_fingerprint", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "max_new_tokens", "max_batch"}
 
 
 def _print_score(console: Console, args, info: ModelInfo, answer: ScoreResponse, tokenizer) -> None:

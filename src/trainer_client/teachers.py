@@ -356,7 +356,8 @@ class OpenAITeacherClient:
 
     `model_info` reads /v1/models: the model id, `max_model_len` where the server lists it (vLLM
     does), the owner in `backend` ("openai:vllm"); what cannot be learnt is 0 (`vocab_size`,
-    `max_top_logprobs`, `max_samples`, `max_new_tokens`) or "" (`tokenizer_fingerprint`, unknown).
+    `max_top_logprobs`, `max_samples`, `max_new_tokens`, `max_batch`) or "" (`tokenizer_fingerprint`,
+    unknown).
     """
 
     def __init__(
@@ -408,6 +409,7 @@ class OpenAITeacherClient:
             max_new_tokens=0,
             tokenizer_fingerprint="",
             eos_token_id=eos if eos is not None else -1,
+            max_batch=0,
         )
 
     async def _model_name(self) -> str:

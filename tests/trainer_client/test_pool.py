@@ -117,6 +117,31 @@ def test_a_refused_request_is_not_retried(replicas):
     assert all(s["alive"] and s["failures"] == 0 for s in stats.values())
 
 
+def test_a_batch_over_the_teachers_max_batch_is_split_and_answered_in_order(tiny_model_dir):
+    small = BackgroundTeacher(ServeOptions(model=tiny_model_dir, max_batch=2, grace_seconds=2.0)).start()
+    sequences = [{"prompt": f"what is {a}+{a}?", "completion": f" {2 * a}"} for a in range(5)]
+
+    async def work():
+        async with await TeacherPool.connect([small.grpc_url, small.http_url]) as pool:
+            split = await pool.score(GROUP, {"sequences": sequences, "top_logprobs": 3})
+            alone = [await pool.score(GROUP, {"sequences": [s], "top_logprobs": 3}) for s in sequences]
+            samples = await pool.generate(GROUP, {"prompts": [s["prompt"] for s in sequences], "n": 2, "max_tokens": 3})
+            return pool.group(GROUP).info, split, alone, samples, pool.stats()
+
+    try:
+        info, split, alone, samples, stats = asyncio.run(work())
+    finally:
+        small.stop()
+    assert info.max_batch == 2
+    assert len(split.results) == 5
+    for got, expected in zip(split.results, alone):
+        np.testing.assert_array_equal(got.top_ids, expected.results[0].top_ids)
+        np.testing.assert_allclose(got.top_logprobs, expected.results[0].top_logprobs, atol=1e-5)
+    assert len(samples.results) == 5 and all(len(r.samples) == 2 for r in samples.results)
+    assert sum(s["requests"] for s in stats.values()) == 3 + 5 + 3  # 5 items in batches of 2, then one by one
+    assert all(s["requests"] > 0 for s in stats.values())  # the parts were spread over both endpoints
+
+
 # --- failures ---
 
 

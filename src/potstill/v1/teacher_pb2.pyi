@@ -69,7 +69,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id")
+    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ModelInfo(_message.Message):
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     backend: str
     vocab_size: int
@@ -88,7 +89,8 @@ class ModelInfo(_message.Message):
     tokenizer_fingerprint: str
     max_new_tokens: int
     eos_token_id: int
-    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
     __slots__ = ("prompt", "completion")

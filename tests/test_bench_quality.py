@@ -1,0 +1,41 @@
+"""`bench/quality.py`, shortened: every requested row is measured, written as a table, and reused on a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+
+
+def run_bench(tmp_path: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(BENCH), "--steps", "8", "--seeds", "0", "1", "--eval-rows", "16", "--teacher-steps", "40",
+        "--methods", "no distillation", "logit-kd forward KL", "--output", str(tmp_path / "out"), "--cache-dir", str(cache_dir),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}, check=True)
+
+
+def test_the_quality_bench_measures_each_row_and_reuses_finished_runs(tmp_path, toy_cache_dir):
+    run_bench(tmp_path, toy_cache_dir)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["steps"] == 8 and results["seeds"] == [0, 1]
+    curves = results["accuracy_by_step"]
+    assert list(curves) == ["no distillation", "logit-kd forward KL"]
+    assert curves["no distillation"][0] == dict.fromkeys(["0", "2", "4", "6", "8"], curves["no distillation"][0]["0"])
+    for curve in curves["logit-kd forward KL"]:
+        assert list(curve) == ["0", "2", "4", "6", "8"]  # step 0, then every quarter of the budget
+        assert all(0.0 <= value <= 1.0 for value in curve.values())
+    table = (tmp_path / "out" / "quality.md").read_text()
+    assert "| method | accuracy @ 2 steps | accuracy @ 4 steps | accuracy @ 6 steps | accuracy @ 8 steps |" in table
+    assert table.count("\n| logit-kd forward KL |") == 1 and table.count("\n| no distillation | 0.0% ± 0.0% |") == 1
+
+    metrics = sorted((tmp_path / "out").glob("logit-kd-forward_kl-*/metrics.jsonl"))
+    assert len(metrics) == 2
+    written = [path.stat().st_mtime_ns for path in metrics]
+    run_bench(tmp_path, toy_cache_dir)
+    assert [path.stat().st_mtime_ns for path in metrics] == written  # finished runs are read back, not trained again
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["accuracy_by_step"] == curves
