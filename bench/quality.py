@@ -1,27 +1,32 @@
 """Distillation quality at a fixed student budget: which way of learning from a teacher works best.
 
-    python bench/quality.py [--steps 2000] [--seeds 0 1 2] [--methods NAME ...] [--output bench-quality]
+    python bench/quality.py [--steps 2000] [--seeds 0 1 2] [--methods NAME ...]
+                            [--train-rows 5000] [--output bench-quality]
 
 Builds (or reuses) the toy arithmetic teacher, serves it with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
 steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
-measured by the trainer's own evaluation) at a quarter, half and all of the budget as
-mean ± std over the seeds, and the share of the teacher's accuracy each method recovers.
+measured by the trainer's own evaluation) after each quarter of the budget as mean ± std over
+the seeds, the share of the teacher's accuracy each method recovers, and how confident the
+teacher is at the answers' tokens (a near one-hot teacher gives white-box methods little to add).
 
 A run whose metrics already reach the last step is read back, not trained again, so an
-interrupted benchmark picks up at the run it stopped in (which starts again from step 0). The table is printed and written, as
-Markdown, to OUTPUT/quality.md with the raw numbers in OUTPUT/results.json.
+interrupted benchmark picks up at the run it stopped in (which starts again from step 0); give
+each setting (steps, training rows) its own --output. The table is printed and written, as
+Markdown, to OUTPUT/quality.md, with the raw numbers in OUTPUT/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +35,7 @@ from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.world import build_student, build_teacher
 from teacher_service.serve import TeacherProcess
 from trainer_client.config import TrainConfig
+from trainer_client.pool import TeacherPool
 from trainer_client.report import read_metrics
 from trainer_client.trainer import train
 
@@ -76,6 +82,21 @@ def accuracy_curve(bench: Bench, settings: dict | None, seed: int) -> dict[int, 
     return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}
 
 
+def teacher_confidence(teacher_url: str, eval_rows: list[dict]) -> tuple[float, float]:
+    """At the held-out answers' tokens: the teacher's mean probability on its most likely token,
+    and the share of positions where that probability exceeds 0.99 (how little its top-k adds to
+    its argmax)."""
+
+    async def top1_logprobs() -> np.ndarray:
+        async with await TeacherPool.connect([teacher_url]) as pool:
+            request = {"sequences": [{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows], "top_logprobs": 1}
+            answer = await pool.score(pool.groups()[0].name, request)
+        return np.concatenate([result.top_logprobs[:, 0] for result in answer.results])
+
+    top1 = np.exp(asyncio.run(top1_logprobs()))
+    return float(top1.mean()), float((top1 > 0.99).mean())
+
+
 def checkpoint_steps(steps: int) -> list[int]:
     return [steps * (i + 1) // CHECKPOINTS for i in range(CHECKPOINTS)]
 
@@ -115,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="NAME",
                         help=f"rows to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--train-rows", type=int, default=5000, help="distinct training prompts (default: %(default)s)")
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--output", type=Path, default=Path("bench-quality"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
@@ -130,10 +152,11 @@ def main() -> None:
     started = time.perf_counter()
     with TeacherProcess(str(teacher), threads=1) as served:
         bench = Bench(
-            steps=args.steps, train_data=write_jsonl(make_rows(5000, seed=0), args.output / "train.jsonl"),
+            steps=args.steps, train_data=write_jsonl(make_rows(args.train_rows, seed=0), args.output / "train.jsonl"),
             eval_data=write_jsonl(eval_rows, args.output / "eval.jsonl"), eval_rows=eval_rows,
             teacher_url=served.grpc_url, student_cache=args.cache_dir / "bench-students", output=args.output,
         )
+        top1_mean, top1_sure = teacher_confidence(served.grpc_url, eval_rows)
         for name in args.methods:
             results[name] = [accuracy_curve(bench, METHODS[name], seed) for seed in args.seeds]
             finals = ", ".join(f"{curve[args.steps]:.1%}" for curve in results[name])
@@ -141,14 +164,17 @@ def main() -> None:
 
     header, rows = results_table(results, args.steps, teacher_accuracy)
     title = (f"Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x {BATCH_SIZE} "
-             f"prompts, seeds {', '.join(map(str, args.seeds))}; teacher: {teacher_accuracy:.1%}")
+             f"prompts drawn from {args.train_rows} training problems, seeds {', '.join(map(str, args.seeds))}; "
+             f"teacher: {teacher_accuracy:.1%}, mean top-1 probability at answer tokens {top1_mean:.3f} "
+             f"(> 0.99 at {top1_sure:.1%} of them)")
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
     Console().print(table)
     (args.output / "quality.md").write_text(f"{title}\n\n{markdown(header, rows)}")
     (args.output / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "seeds": args.seeds, "teacher_accuracy": teacher_accuracy,
+        {"steps": args.steps, "seeds": args.seeds, "train_rows": args.train_rows, "teacher_accuracy": teacher_accuracy,
+         "teacher_top1_probability": top1_mean, "teacher_top1_above_0.99": top1_sure,
          "accuracy_by_step": {name: [{str(k): v for k, v in curve.items()} for curve in curves] for name, curves in results.items()}},
         indent=1))
 

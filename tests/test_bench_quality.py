@@ -22,7 +22,8 @@ def run_bench(tmp_path: Path, cache_dir: Path) -> subprocess.CompletedProcess:
 def test_the_quality_bench_measures_each_row_and_reuses_finished_runs(tmp_path, toy_cache_dir):
     run_bench(tmp_path, toy_cache_dir)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["steps"] == 8 and results["seeds"] == [0, 1]
+    assert results["steps"] == 8 and results["seeds"] == [0, 1] and results["train_rows"] == 5000
+    assert 0.0 < results["teacher_top1_probability"] <= 1.0 and 0.0 <= results["teacher_top1_above_0.99"] <= 1.0
     curves = results["accuracy_by_step"]
     assert list(curves) == ["no distillation", "logit-kd forward KL"]
     assert curves["no distillation"][0] == dict.fromkeys(["0", "2", "4", "6", "8"], curves["no distillation"][0]["0"])
