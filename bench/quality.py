@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ METHODS: dict[str, dict | None] = {
     "sft on ground truth": {"method": "sft"},
     "seq-kd, 1 sample": {"method": "seq-kd", "samples_per_prompt": 1, "sample_temperature": 1.0},
     "logit-kd forward KL": {"method": "logit-kd", "loss": "forward_kl"},
+    "logit-kd forward KL, τ=2": {"method": "logit-kd", "loss": "forward_kl", "temperature": 2.0},
     "logit-kd reverse KL": {"method": "logit-kd", "loss": "reverse_kl"},
     "logit-kd JSD(0.5)": {"method": "logit-kd", "loss": "jsd", "beta": 0.5},
 }
@@ -64,13 +66,14 @@ class Bench:
     output: Path
 
 
-def accuracy_curve(bench: Bench, settings: dict | None, seed: int) -> dict[int, float]:
+def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
     """Held-out accuracy by step for one method and seed; the untrained student is flat at its step-0 value."""
+    settings = METHODS[method]
     student = build_student(bench.student_cache / f"seed-{seed}", seed=seed)
     if settings is None:
         untrained = model_accuracy(student, bench.eval_rows)
         return {step: untrained for step in (0, *checkpoint_steps(bench.steps))}
-    run_dir = bench.output / f"{settings['method']}-{settings.get('loss', '')}-{seed}"
+    run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
     if not _finished(run_dir, bench.steps):
         config = TrainConfig(
             student=str(student), teachers=[bench.teacher_url], data=str(bench.train_data), eval_data=str(bench.eval_data),
@@ -158,7 +161,7 @@ def main() -> None:
         )
         top1_mean, top1_sure = teacher_confidence(served.grpc_url, eval_rows)
         for name in args.methods:
-            results[name] = [accuracy_curve(bench, METHODS[name], seed) for seed in args.seeds]
+            results[name] = [accuracy_curve(bench, name, seed) for seed in args.seeds]
             finals = ", ".join(f"{curve[args.steps]:.1%}" for curve in results[name])
             Console().print(f"{name}: {finals}  ({time.perf_counter() - started:.0f} s so far)")
 

@@ -34,7 +34,7 @@ def test_the_quality_bench_measures_each_row_and_reuses_finished_runs(tmp_path, 
     assert "| method | accuracy @ 2 steps | accuracy @ 4 steps | accuracy @ 6 steps | accuracy @ 8 steps |" in table
     assert table.count("\n| logit-kd forward KL |") == 1 and table.count("\n| no distillation | 0.0% ± 0.0% |") == 1
 
-    metrics = sorted((tmp_path / "out").glob("logit-kd-forward_kl-*/metrics.jsonl"))
+    metrics = sorted((tmp_path / "out").glob("logit-kd-forward-kl-seed*/metrics.jsonl"))
     assert len(metrics) == 2
     written = [path.stat().st_mtime_ns for path in metrics]
     run_bench(tmp_path, toy_cache_dir)
