@@ -167,7 +167,7 @@ def main() -> None:
 
     header, rows = results_table(results, args.steps, teacher_accuracy)
     title = (f"Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x {BATCH_SIZE} "
-             f"prompts drawn from {args.train_rows} training problems, seeds {', '.join(map(str, args.seeds))}; "
+             f"prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
              f"teacher: {teacher_accuracy:.1%}, mean top-1 probability at answer tokens {top1_mean:.3f} "
              f"(> 0.99 at {top1_sure:.1%} of them)")
     table = Table(*header, title=title)
