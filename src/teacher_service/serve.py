@@ -26,6 +26,7 @@ from teacher_service.backends import BACKENDS, load_backend
 from teacher_service.backends.base import BackendConfig
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcTeacherServer
 from teacher_service.http_server import DEFAULT_MAX_BODY_BYTES, build_app
+from teacher_service.protocol import Limits
 from teacher_service.service import ServiceSettings, TeacherService
 
 log = logging.getLogger("potstill.serve")
@@ -42,10 +43,10 @@ class ServeOptions:
     dtype: str = "float32"
     api_key: str | None = None
     max_model_len: int | None = None
-    max_top_logprobs: int = 20
-    max_samples: int = 16
-    max_new_tokens: int = 512
-    max_batch: int = 256
+    max_top_logprobs: int = Limits.max_top_logprobs
+    max_samples: int = Limits.max_samples
+    max_new_tokens: int = Limits.max_new_tokens
+    max_batch: int = Limits.max_batch
     max_queued_requests: int = 64
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -248,6 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-top-logprobs", type=int, default=defaults.max_top_logprobs)
     parser.add_argument("--max-samples", type=int, default=defaults.max_samples, help="largest n per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="most sequences or prompts per request (clients split larger batches)")
     parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
                         help="requests admitted at once; more are refused with 429 / RESOURCE_EXHAUSTED")
     parser.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,

@@ -37,10 +37,10 @@ T = TypeVar("T")
 class ServiceSettings:
     model: str
     backend: str
-    max_top_logprobs: int = 20
-    max_samples: int = 16
-    max_new_tokens: int = 512
-    max_batch: int = 256
+    max_top_logprobs: int = Limits.max_top_logprobs
+    max_samples: int = Limits.max_samples
+    max_new_tokens: int = Limits.max_new_tokens
+    max_batch: int = Limits.max_batch
     max_queued_requests: int = 64
 
 

@@ -133,13 +133,16 @@ def drain_on_sigterm(server: ServeProcess, api_key: str | None = None) -> None:
 
 
 def test_serve_answers_and_drains_on_sigterm(tiny_model_dir, tmp_path):
-    with serve(tiny_model_dir, tmp_path) as server:
+    with serve(tiny_model_dir, tmp_path, "--max-batch", "3") as server:
         assert httpx.get(server.http_url + "/health").json() == {"status": "ok"}
         response = httpx.post(server.http_url + "/v1/score", json=SCORE)
         assert response.status_code == 200 and len(response.json()["results"][0]["token_ids"]) >= 1
+        too_many = httpx.post(server.http_url + "/v1/score", json={**SCORE, "sequences": SCORE["sequences"] * 4})
+        assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "sequences", too_many.text
         with grpc.insecure_channel(server.grpc_target) as channel:
             stub = teacher_pb2_grpc.TeacherStub(channel)
-            assert stub.GetModelInfo(pb.ModelInfoRequest()).model == tiny_model_dir
+            info = stub.GetModelInfo(pb.ModelInfoRequest())
+            assert (info.model, info.max_batch) == (tiny_model_dir, 3)
             scored = wire.score_response(stub.Score(wire.score_request_pb(SCORE)))
         assert scored.to_json()["results"] == response.json()["results"]
         drain_on_sigterm(server)
