@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from teacher_service.backends.base import Backend, SamplingParams, ScoreItem
@@ -97,14 +97,9 @@ class TeacherService:
         return ModelInfo(
             model=self.settings.model,
             backend=self.settings.backend,
-            vocab_size=description.vocab_size,
-            max_model_len=description.max_model_len,
-            max_top_logprobs=self.settings.max_top_logprobs,
-            max_samples=self.settings.max_samples,
-            max_new_tokens=self.settings.max_new_tokens,
             tokenizer_fingerprint=description.tokenizer_fingerprint,
             eos_token_id=description.eos_token_id,
-            max_batch=self.settings.max_batch,
+            **asdict(self.limits),  # what the teacher enforces is what it reports
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
