@@ -4,7 +4,8 @@
 
 | scheme                          | client                | wire                                            |
 |---------------------------------|-----------------------|-------------------------------------------------|
-| `grpc://host:port`              | `GrpcTeacherClient`   | potstill.v1.Teacher over grpc.aio               |
+| `grpc://host:port`              | `GrpcTeacherClient`   | potstill.v1.Teacher over grpc.aio, round-robin  |
+|                                 |                       | over every address the host resolves to         |
 | `grpcs://host:port`             | `GrpcTeacherClient`   | the same over TLS (system roots, or `ca_file`)  |
 | `http://host:port`, `https://…` | `HttpTeacherClient`   | /v1/score, /v1/generate with protobuf bodies    |
 | `openai+http://host:port/v1`,   | `OpenAITeacherClient` | /v1/completions of vLLM, SGLang, our own server |
@@ -175,14 +176,18 @@ class GrpcTeacherClient:
         timeout: float = 60.0,
         ca_file: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        dns_server: str | None = None,
         **_: Any,
     ):
+        """dns_server: host:port of the DNS server that resolves the URL's host (default: the system's)."""
         parts = urlsplit(url)
         if not parts.netloc:
             raise ValueError(f"{url!r} names no host:port")
         self.url = url
         self.timeout = timeout
-        self._target = parts.netloc
+        # Every address the name resolves to (each pod behind a headless Service) gets a
+        # connection, and requests go round-robin over them instead of sticking to the first.
+        self._target = f"dns://{dns_server or ''}/{parts.netloc}"
         self._tls = parts.scheme == "grpcs"
         self._ca_file = ca_file
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -193,6 +198,7 @@ class GrpcTeacherClient:
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.min_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", 5000),
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         self._channel: grpc.aio.Channel | None = None
         self._stub: teacher_pb2_grpc.TeacherStub | None = None
