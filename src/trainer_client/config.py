@@ -13,8 +13,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["sft", "seq-kd", "logit-kd"]
+Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
+Route = Literal["mixture", "tags", "verified", "confidence", "lowest-ce", "gate"]
+Selection = Literal["all", "verifier", "majority", "confidence", "judge"]
+# The routes white-box distillation can apply (it mixes or picks teachers' distributions).
+WHITE_BOX_ROUTES = ("mixture", "tags", "lowest-ce")
+DEFAULT_JUDGE_RUBRICS = {"correctness": "Question: {prompt}\nProposed answer: {completion}\nIs the proposed answer correct?"}
 
 
 class TrainConfig(BaseModel):
@@ -35,7 +40,9 @@ class TrainConfig(BaseModel):
 
     # --- the method ---
     method: Method = Field("logit-kd", description="sft: reference completions; seq-kd: teacher samples as targets; "
-                           "logit-kd: a divergence to the teachers' top-k log-probs.")
+                           "multi-sample: several samples per prompt from each routed teacher, kept or weighted by --select (R-MSD); "
+                           "logit-kd: a divergence to the teachers' top-k log-probs; "
+                           "guided: the student's own verified samples, teachers asked only where all of them fail (AMPO).")
     loss: Divergence = Field("forward_kl", description="Divergence for logit-kd.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD interpolation (0 = forward KL, 1 = reverse KL).")
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="Top-k tail: a (k+1)-th bucket, or renormalise.")
@@ -45,9 +52,43 @@ class TrainConfig(BaseModel):
     kd_targets: Literal["data", "teacher"] = Field(
         "data", description="logit-kd on the dataset's completions, or on teacher samples."
     )
-    samples_per_prompt: int = Field(1, ge=1, description="Teacher samples per prompt (seq-kd, logit-kd on samples).")
+    samples_per_prompt: int = Field(1, ge=1, description="Teacher samples per prompt, from each teacher asked (seq-kd, multi-sample, guided, logit-kd on samples).")
     sample_temperature: float = Field(1.0, ge=0, description="Teacher sampling temperature (0 = greedy).")
-    max_new_tokens: int = Field(32, ge=1, description="Longest teacher sample.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest teacher (or student) sample.")
+    route: Route | None = Field(
+        None, description="Which teachers a row learns from: mixture (one per row by weight; logit-kd: all, mixed), "
+        "tags (those tagged with the row's task/tags), or one teacher per row: verified (most verified samples), "
+        "confidence (highest mean token log-prob), lowest-ce (lowest cross-entropy on the row's reference), "
+        "gate (a learned router on the student's prompt representation). Default: tags for multi-sample, mixture otherwise.",
+    )
+    select: Selection = Field(
+        "all", description="Which teacher samples count (seq-kd, multi-sample): all; verifier (accepted against 'answer'); "
+        "majority (the most common answer, read by the verifier's extractor); confidence (weight exp(mean token log-prob)); "
+        "judge (weight = the judge's P(yes) averaged over rubric dimensions).",
+    )
+    select_fallback: Literal["drop", "all", "reference"] = Field(
+        "drop", description="When no sample of a prompt survives --select: drop the prompt, keep all its samples, "
+        "or train on the row's reference completion."
+    )
+    judges: list[str] = Field(default_factory=list, description="Judge endpoints (any teacher service), scoring samples "
+                              "through /v1/score for --select judge.")
+    judge_rubrics: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_JUDGE_RUBRICS),
+        description="Judge prompt per dimension, with {prompt} and {completion}; a dimension's score is "
+        "P(judge_yes) / (P(judge_yes) + P(judge_no)) after it.",
+    )
+    judge_yes: str = Field(" yes", min_length=1, description="The continuation whose probability is a judge's 'yes'.")
+    judge_no: str = Field(" no", min_length=1, description="The continuation whose probability is a judge's 'no'.")
+    student_samples: int = Field(4, ge=1, description="Student samples per prompt (guided).")
+    student_temperature: float = Field(1.0, ge=0, description="Student sampling temperature (guided; 0 = greedy).")
+    gate_lr: float = Field(1e-2, gt=0, description="Learning rate of the routing gate (--route gate).")
+    gate_balance: float = Field(0.01, ge=0, description="Weight of the gate's load-balancing term (--route gate).")
+    adversarial_weight: float = Field(
+        0.0, ge=0, description="Weight of the adversarial term (multi-sample): a discriminator on the student's pooled "
+        "hidden states tells teacher samples from the student's own; the student gets the non-saturating GAN loss. 0 = off.",
+    )
+    loss_chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the student-side loss: the largest "
+                                 "tensor the loss holds is [chunk, vocabulary] logits.")
 
     # --- optimisation ---
     steps: int = Field(200, ge=1, description="Optimizer steps.")
@@ -82,10 +123,35 @@ class TrainConfig(BaseModel):
         # A hub id ("org/model") has no "~" and passes through unchanged.
         return os.path.expanduser(value) if value else value
 
+    @field_validator("judge_rubrics")
+    @classmethod
+    def _rubrics_name_the_completion(cls, rubrics: dict[str, str]) -> dict[str, str]:
+        for dimension, template in rubrics.items():
+            if "{completion}" not in template:
+                raise ValueError(f"judge rubric {dimension!r} must contain '{{completion}}'")
+        return rubrics
+
     @model_validator(mode="after")
-    def _teachers_for_method(self) -> TrainConfig:
+    def _settings_fit_the_method(self) -> TrainConfig:
         if self.method != "sft" and not self.teachers:
             raise ValueError(f"method {self.method!r} needs at least one --teacher")
+        if self.route is None:
+            self.route = "tags" if self.method == "multi-sample" else "mixture"
+        needs_verifier = [
+            why for why, applies in (
+                ("method guided", self.method == "guided"),
+                (f"select {self.select}", self.select in ("verifier", "majority")),
+                ("route verified", self.route == "verified"),
+            ) if applies
+        ]
+        if needs_verifier and not self.verifier:
+            raise ValueError(f"{needs_verifier[0]} needs --verifier (e.g. 'integer')")
+        if self.select == "judge" and not self.judges:
+            raise ValueError("select judge needs a judge endpoint: --judge URL")
+        if self.method == "logit-kd" and self.route not in WHITE_BOX_ROUTES:
+            raise ValueError(f"logit-kd routes by {', '.join(WHITE_BOX_ROUTES)}; route {self.route!r} needs teacher samples")
+        if self.adversarial_weight and self.method != "multi-sample":
+            raise ValueError("adversarial_weight applies to method multi-sample")
         return self
 
     @property

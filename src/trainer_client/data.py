@@ -1,4 +1,4 @@
-"""Training data: JSONL rows with `prompt`, optional `completion` and optional `answer`.
+"""Training data: JSONL rows with `prompt`, optional `completion`, `answer`, `task` and `tags`.
 
 A malformed row is an error naming its file and line, or, when asked, skipped and counted.
 The order of rows in a run is a pure function of (seed, epoch), so a step number alone says
@@ -17,11 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class Row(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    """A training row. Fields beyond these are kept (metadata a method or a later stage may use)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str = Field(min_length=1)
     completion: str | None = None
     answer: str | None = None
+    task: str | None = Field(None, description="The row's task; teachers tagged with it serve it (--route tags).")
+    tags: list[str] = Field(default_factory=list, description="More labels that pick teachers, like `task`.")
+
+    def labels(self) -> set[str]:
+        """The task and tags that pick this row's teachers."""
+        return set(self.tags) | ({self.task} if self.task else set())
 
 
 class DataError(ValueError):

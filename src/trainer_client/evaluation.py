@@ -12,7 +12,8 @@ import torch
 
 from trainer_client.data import Row
 from trainer_client.losses import distillation_loss
-from trainer_client.methods import Example, StudentTokens, collate
+from trainer_client.samples import Example, StudentTokens
+from trainer_client.student_loss import collate
 
 
 @torch.inference_mode()

@@ -188,6 +188,29 @@ def mix_teachers(
     return ids, torch.where(first, run_mass.gather(-1, run).log(), float("-inf"))
 
 
+def distillation_per_position(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    tail: TailMode = "bucket",
+    beta: float = 0.5,
+) -> Tensor:
+    """tau^2 · D(p || q) at every position: logits [..., V], teacher top-k [..., k] -> [...].
+
+    D is DIVERGENCES[divergence] on `topk_log_distributions(...)` (shapes and tail handling
+    there); beta is used by "jsd" only. The factor tau^2 (tau = temperature) is the one of
+    Hinton et al. 2015: softening by tau scales the gradients by 1 / tau^2, so multiplying back
+    keeps their size independent of the temperature.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(DIVERGENCES)}")
+    t, s = topk_log_distributions(student_logits, teacher_ids, teacher_logprobs, temperature, tail)
+    kwargs = {"beta": beta} if divergence == "jsd" else {}
+    return DIVERGENCES[divergence](t, s, **kwargs) * temperature**2
+
+
 def distillation_loss(
     student_logits: Tensor,
     teacher_ids: Tensor,
@@ -198,19 +221,10 @@ def distillation_loss(
     tail: TailMode = "bucket",
     beta: float = 0.5,
 ) -> Tensor:
-    """Scalar loss: tau^2 · mean over positions where mask [B, L] is True of D(p || q).
-
-    D is DIVERGENCES[divergence] on `topk_log_distributions(...)` (shapes and tail handling
-    there); beta is used by "jsd" only. The factor tau^2 (tau = temperature) is the one of
-    Hinton et al. 2015: softening by tau scales the gradients by 1 / tau^2, so multiplying back
-    keeps their size independent of the temperature. An empty mask gives 0.0, still in the graph.
-    """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(DIVERGENCES)}")
-    t, s = topk_log_distributions(student_logits, teacher_ids, teacher_logprobs, temperature, tail)
-    kwargs = {"beta": beta} if divergence == "jsd" else {}
-    per_position = DIVERGENCES[divergence](t, s, **kwargs)  # [B, L]
+    """Scalar loss: the mean over positions where mask [B, L] is True of `distillation_per_position`
+    (student_logits [B, L, V], teacher top-k [B, L, k]). An empty mask gives 0.0, still in the graph."""
+    per_position = distillation_per_position(student_logits, teacher_ids, teacher_logprobs, divergence, temperature, tail, beta)
     mask = mask.bool()
     # where, not a product with the mask: an inf at a masked-out position would give inf · 0 = NaN.
     total = torch.where(mask, per_position, 0.0).sum()
-    return total / mask.sum().clamp(min=1) * temperature**2
+    return total / mask.sum().clamp(min=1)

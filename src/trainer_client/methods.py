@@ -1,239 +1,167 @@
-"""Distillation methods: each turns data rows into student examples, asking teachers as it needs.
+"""Distillation methods, each a sequence of stages over a micro-batch of data rows.
 
-A method only decides *what the student learns from*; the loss is the same everywhere
-(`example_loss`): cross-entropy on the target tokens, plus, where an example carries the
-teachers' top-k, a divergence to it. Requests are seeded by the step, so a step prepared
-again after `--resume` is the same step.
+    rollout   (training thread, current student)  -> what the student itself proposes, if anything
+    annotate  (teachers' event loop, async)        -> one PromptGroup per row: its candidates, grouped
+                                                      per prompt and per author (teacher or student)
+    select    (training thread)                    -> weighted Examples (a weight of 0 drops one)
+    loss                                           -> Σ weight · per-token loss (student_loss.py)
+
+Teacher outputs come from a `TeacherSource` (the live pool, or a cache), never from the pool
+class itself. Requests are seeded by the micro-batch number, so a step prepared again after
+`--resume` is the same step. Methods without a rollout are prepared ahead (`prefetch`); a
+method with one prepares each step's micro-batches when the step starts, with the weights the
+student has then.
 
 - sft: targets are the rows' reference completions (no teacher).
 - seq-kd (black-box, Kim & Rush 2016): targets are teacher samples, re-tokenized by the student.
+- multi-sample (R-MSD): `samples_per_prompt` samples from each teacher the row's task routes
+  to, kept or weighted by `select` (verifier, majority, confidence, judge).
 - logit-kd (white-box, Hinton et al. 2015): targets are the reference completions or teacher
-  samples, and every teacher scores them; several teachers are mixed by weight.
+  samples, and every routed teacher scores them; several teachers are mixed by weight.
+- guided (AMPO-style guidance on demand): see guided.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from potstill.fingerprint import tokenizer_fingerprint
-from teacher_service.protocol import GenerateResult, Sample
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
-from trainer_client.losses import distillation_loss, mix_teachers
-from trainer_client.pool import TeacherPool
+from trainer_client.losses import mix_teachers
+from trainer_client.judges import JUDGE_TAG
+from trainer_client.routing import Router
+from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
+from trainer_client.selection import Selector
+from trainer_client.source import TeacherSource
+from trainer_client.student import StudentView
+from trainer_client.student_loss import Batch, weighted_loss_sum
+
+REFERENCE = "reference"  # the `author` of a row's own completion
 
 
-@dataclass
-class Example:
-    """One student sequence: the loss is on `target_ids`, given `prompt_ids`."""
-
-    prompt_ids: list[int]
-    target_ids: list[int]
-    teacher_ids: np.ndarray | None = None  # int [len(target_ids), K]
-    teacher_logprobs: np.ndarray | None = None  # float [len(target_ids), K]
-
-
-class StudentTokens:
-    """How the student turns rows and teacher samples into token ids."""
-
-    def __init__(self, tokenizer, max_seq_len: int):
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.eos_id = tokenizer.eos_token_id
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
-
-    def prompt(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-    def target(self, text: str, ends: bool = True) -> list[int]:
-        """A completion's ids, closed by EOS when the text is complete (so the student learns to stop)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids + [self.eos_id] if ends and self.eos_id is not None else ids
-
-    def fit(self, prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Cut to `max_seq_len`: the target's end first, then the prompt's start (never below 1 token each)."""
-        target_ids = target_ids[: max(1, self.max_seq_len - 1)]
-        prompt_ids = prompt_ids[-max(1, self.max_seq_len - len(target_ids)) :]
-        return prompt_ids, target_ids
-
-
-def _seed(config: TrainConfig, step: int) -> int:
+def step_seed(config: TrainConfig, step: int) -> int:
     return (config.seed * 1_000_003 + step) % 2**62
 
 
-class Method:
-    """Base: the shared helpers. Subclasses implement `prepare`."""
+class MethodStats:
+    """Ratios a method reports (acceptance per teacher, agreement, calls saved...), summed over
+    the micro-batches since the last log line: `add(name, part, whole)`, then `drain()`."""
 
-    def __init__(self, config: TrainConfig, tokens: StudentTokens, pool: TeacherPool | None):
+    def __init__(self):
+        self._sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, name: str, part: float, whole: float = 1.0) -> None:
+        self._sums[name][0] += part
+        self._sums[name][1] += whole
+
+    def drain(self) -> dict[str, float]:
+        ratios = {name: part / whole for name, (part, whole) in sorted(self._sums.items()) if whole}
+        self._sums.clear()
+        return ratios
+
+
+class Method:
+    """The stages; subclasses override `annotate` (and any other stage they need)."""
+
+    uses_student = False  # True: `rollout` needs the current student, so batches are not prepared ahead
+
+    def __init__(self, config: TrainConfig, tokens: StudentTokens, source: TeacherSource | None):
         self.config = config
         self.tokens = tokens
-        self.pool = pool
+        self.source = source
+        self.stats = MethodStats()
+        teachers = [g for g in source.groups() if JUDGE_TAG not in g.tags] if source else []
+        self.router = Router(config, tokens, source, teachers) if teachers else None
+        self.selector = Selector(config, tokens, source, self.stats)
 
-    async def prepare(self, rows: list[Row], step: int) -> list[Example]:
+    def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
+        """What the student proposes for `rows` (training thread); nothing by default."""
+        return None
+
+    async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
         raise NotImplementedError
 
-    def _reference_examples(self, rows: list[Row]) -> list[Example]:
+    def select(self, groups: list[PromptGroup], student: StudentView) -> list[Example]:
+        """Route (keep one teacher per prompt where the route says so), then weight by `select`."""
+        if self.router:
+            self.router.keep_routed(groups, student, self.stats)
+        self.selector(groups)
+        return [example for group in groups for example in group.examples(self.tokens)]
+
+    def loss(self, model, unwrapped, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Σ weight · per-token loss over the batch, and its parts (summed the same way)."""
+        return weighted_loss_sum(model, unwrapped, batch, self.config)
+
+    def reference_groups(self, rows: list[Row]) -> list[PromptGroup]:
         missing = [row.prompt for row in rows if row.completion is None]
         if missing:
             raise ValueError(f"{self.config.method} on data completions needs a 'completion' in every row; missing for {missing[0]!r}")
-        return [Example(*self.tokens.fit(self.tokens.prompt(r.prompt), self.tokens.target(r.completion))) for r in rows]
-
-    async def _teacher_samples(self, rows: list[Row], step: int) -> list[tuple[Row, Sample, bool]]:
-        """`samples_per_prompt` samples per row, each with whether its teacher shares the student's
-        tokenizer; rows are spread over the teachers by weight."""
-        groups = self.pool.groups()
-        assignment = _spread_by_weight(len(rows), [g.weight for g in groups], _seed(self.config, step))
-        requests = []
-        for group_index, group in enumerate(groups):
-            mine = [i for i, g in enumerate(assignment) if g == group_index]
-            if mine:
-                requests.append(((mine, group), self.pool.generate(group.name, self._generate_request([rows[i] for i in mine], step))))
-        responses = await asyncio.gather(*(request for _, request in requests))
-        paired: list[tuple[Row, GenerateResult, bool] | None] = [None] * len(rows)
-        for ((indices, group), _), response in zip(requests, responses):
-            same_tokenizer = group.info.tokenizer_fingerprint == self.tokens.fingerprint
-            for index, result in zip(indices, response.results):
-                paired[index] = (rows[index], result, same_tokenizer)
-        return [(row, sample, same) for row, result, same in paired for sample in result.samples]
-
-    def _generate_request(self, rows: list[Row], step: int) -> dict:
-        return {
-            "prompts": [self.tokens.prompt(r.prompt) for r in rows],
-            "n": self.config.samples_per_prompt,
-            "max_tokens": self.config.max_new_tokens,
-            "temperature": self.config.sample_temperature,
-            "seed": _seed(self.config, step),
-            "top_logprobs": 0,
-        }
-
-
-def _spread_by_weight(count: int, weights: list[float], seed: int) -> list[int]:
-    """A teacher index per item, in proportion to the weights, reproducibly."""
-    generator = np.random.default_rng(seed)
-    probabilities = np.asarray(weights, dtype=float) / sum(weights)
-    return generator.choice(len(weights), size=count, p=probabilities).tolist()
+        return [
+            PromptGroup(row, self.tokens.prompt(row.prompt), [Candidate(self.tokens.target(row.completion), row.completion, REFERENCE)])
+            for row in rows
+        ]
 
 
 class SFT(Method):
-    async def prepare(self, rows: list[Row], step: int) -> list[Example]:
-        return self._reference_examples(rows)
+    async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
+        return self.reference_groups(rows)
 
 
-class SequenceKD(Method):
-    async def prepare(self, rows: list[Row], step: int) -> list[Example]:
-        examples = []
-        for row, sample, same_tokenizer in await self._teacher_samples(rows, step):
-            # A teacher with another tokenizer hands over text; one with the student's hands over
-            # its token ids, exactly (decoding partial byte tokens to text would lose them).
-            if same_tokenizer:
-                target = sample.token_ids.tolist()
-            else:
-                target = self.tokens.target(sample.text, ends=sample.finish_reason == "stop")
-            if target:
-                examples.append(Example(*self.tokens.fit(self.tokens.prompt(row.prompt), target)))
-        return examples
+class SampledTargets(Method):
+    """seq-kd and multi-sample: teacher samples are the targets; routing and selection decide
+    which count and how much (seq-kd defaults to one teacher per row, multi-sample to all the
+    teachers the row's task routes to)."""
+
+    async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
+        groups = await self.router.sample(rows, step_seed(self.config, step))
+        await self.selector.annotate(groups)
+        return groups
 
 
 class LogitKD(Method):
-    async def prepare(self, rows: list[Row], step: int) -> list[Example]:
+    async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
         if self.config.kd_targets == "data":
-            examples = self._reference_examples(rows)
+            groups = self.reference_groups(rows)
+            await self.router.reference_ce(groups)
         else:
-            # Same tokenizer (checked at start), so the teacher's sample ids are the student's.
-            samples = await self._teacher_samples(rows, step)
-            examples = [
-                Example(*self.tokens.fit(self.tokens.prompt(row.prompt), sample.token_ids.tolist()))
-                for row, sample, _ in samples
-                if len(sample.token_ids)
-            ]
-        await attach_teacher_distributions(self.pool, examples, self.config.top_k, self.config.temperature)
-        return examples
+            groups = await self.router.sample(rows, step_seed(self.config, step))
+        await attach_teacher_distributions(self.source, self.router.teachers_for_scoring(groups), self.tokens, groups, self.config)
+        return groups
 
 
-async def attach_teacher_distributions(pool: TeacherPool, examples: list[Example], top_k: int, temperature: float) -> None:
-    """Every teacher scores every example's targets; with several teachers, their weighted mixture is kept."""
-    groups = pool.groups()
-    request = {
-        "sequences": [{"prompt": e.prompt_ids, "completion": e.target_ids} for e in examples],
-        "top_logprobs": top_k,
-        "temperature": temperature,
-    }
-    responses = await asyncio.gather(*(pool.score(g.name, request) for g in groups))
-    for index, example in enumerate(examples):
-        ids = [torch.from_numpy(r.results[index].top_ids.astype(np.int64)) for r in responses]
-        logprobs = [torch.from_numpy(r.results[index].top_logprobs) for r in responses]
-        if len(groups) > 1:
-            mixed_ids, mixed_logprobs = mix_teachers(ids, logprobs, [g.weight for g in groups])
-            ids, logprobs = [mixed_ids], [mixed_logprobs]
-        example.teacher_ids, example.teacher_logprobs = ids[0].numpy(), logprobs[0].numpy()
-
-
-METHODS: dict[str, type[Method]] = {"sft": SFT, "seq-kd": SequenceKD, "logit-kd": LogitKD}
-
-
-# --- batches and the loss ---
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    labels: torch.Tensor  # [B, T - 1]: the token each position predicts
-    target_mask: torch.Tensor  # [B, T - 1]: True where the loss applies
-    teacher_ids: torch.Tensor | None  # [B, T - 1, K]
-    teacher_logprobs: torch.Tensor | None  # [B, T - 1, K]
-
-    def to(self, device: torch.device) -> Batch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return Batch(**moved)
-
-
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-padded tensors; position t of `labels` holds token t + 1 of the sequence."""
-    width = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
-    has_teacher = examples[0].teacher_ids is not None
-    k = max(e.teacher_ids.shape[1] for e in examples) if has_teacher else 0
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    target_mask = torch.zeros((len(examples), width - 1), dtype=torch.bool)
-    teacher_ids = torch.zeros((len(examples), width - 1, k), dtype=torch.long)
-    teacher_logprobs = torch.full((len(examples), width - 1, k), float("-inf"))
-    for row, example in enumerate(examples):
-        sequence = example.prompt_ids + example.target_ids
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
-        span = slice(len(example.prompt_ids) - 1, len(sequence) - 1)  # positions predicting the targets
-        target_mask[row, span] = True
-        if has_teacher:
-            width_k = example.teacher_ids.shape[1]
-            teacher_ids[row, span, :width_k] = torch.from_numpy(example.teacher_ids.astype(np.int64))
-            teacher_logprobs[row, span, :width_k] = torch.from_numpy(example.teacher_logprobs.astype(np.float32))
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=input_ids[:, 1:].clone(),
-        target_mask=target_mask,
-        teacher_ids=teacher_ids if has_teacher else None,
-        teacher_logprobs=teacher_logprobs if has_teacher else None,
-    )
-
-
-def example_loss(logits: torch.Tensor, batch: Batch, config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE on the targets, or (with teachers' top-k) the divergence plus `ce_weight` x CE.
-
-    logits [B, T, V] from the student on `batch.input_ids`.
-    """
-    logits = logits[:, :-1].float()  # [B, T - 1, V], aligned with labels
-    ce = F.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask])
-    if batch.teacher_ids is None:
-        return ce, {"ce": ce.item()}
-    kd = distillation_loss(
-        logits, batch.teacher_ids, batch.teacher_logprobs, batch.target_mask,
-        divergence=config.loss, temperature=config.temperature, tail=config.tail, beta=config.beta,
-    )
-    return kd + config.ce_weight * ce, {"kd": kd.item(), "ce": ce.item()}
+async def attach_teacher_distributions(
+    source: TeacherSource, teachers_per_group: list[list[str]], tokens: StudentTokens, groups: list[PromptGroup], config: TrainConfig,
+    temperature: float | None = None,
+) -> None:
+    """Each group's teachers score its candidates (as the student fits them); with several
+    teachers, their mixture by weight is kept on each candidate."""
+    temperature = config.temperature if temperature is None else temperature
+    wanted: dict[str, list[tuple[Candidate, list[int], list[int]]]] = defaultdict(list)
+    for group, names in zip(groups, teachers_per_group):
+        for candidate in group.candidates:
+            prompt, target = tokens.fit(group.prompt_ids, candidate.target_ids)
+            for name in names:
+                wanted[name].append((candidate, prompt, target))
+    names = list(wanted)
+    responses = await asyncio.gather(*(
+        source.score(name, {"sequences": [{"prompt": p, "completion": t} for _, p, t in wanted[name]],
+                            "top_logprobs": config.top_k, "temperature": temperature})
+        for name in names
+    ))
+    per_candidate: dict[int, list[tuple[str, object]]] = defaultdict(list)
+    for name, response in zip(names, responses):
+        for (candidate, _, _), result in zip(wanted[name], response.results):
+            per_candidate[id(candidate)].append((name, result))
+    for group in groups:
+        for candidate in group.candidates:
+            scored = per_candidate[id(candidate)]
+            ids = [torch.from_numpy(r.top_ids.astype(np.int64)) for _, r in scored]
+            logprobs = [torch.from_numpy(r.top_logprobs) for _, r in scored]
+            if len(scored) > 1:
+                mixed_ids, mixed_logprobs = mix_teachers(ids, logprobs, [source.group(name).weight for name, _ in scored])
+                ids, logprobs = [mixed_ids], [mixed_logprobs]
+            candidate.teacher_ids, candidate.teacher_logprobs = ids[0].numpy(), logprobs[0].numpy()

@@ -55,6 +55,15 @@ def _plot_traffic(traffic: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
+METHOD_STAT_PREFIXES = ("route/", "select/", "judge/", "guided/", "adversarial/")
+
+
+def _method_stats(records: list[dict]) -> dict[str, tuple[float, float]]:
+    """Each method statistic's first and last logged value."""
+    keys = sorted({key for record in records for key in record if key.startswith(METHOD_STAT_PREFIXES)})
+    return {key: (_series(records, key)[1][0], _series(records, key)[1][-1]) for key in keys}
+
+
 def write_report(run_dir: str | Path, summary_markdown: str = "", title: str = "Potstill training run") -> Path:
     """Write plots and `report.md` into `run_dir`; returns the report's path."""
     run_dir = Path(run_dir)
@@ -65,6 +74,14 @@ def write_report(run_dir: str | Path, summary_markdown: str = "", title: str = "
         if steps:
             _plot_curve(steps, values, caption, run_dir / file_name)
             sections.append(f"## {caption}\n\n![{caption}]({file_name})\n\nlast: {values[-1]:.4g} at step {steps[-1]}\n")
+    method_stats = _method_stats(records)
+    if method_stats:
+        rows = "\n".join(f"| {key} | {first:.3f} | {last:.3f} |" for key, (first, last) in method_stats.items())
+        sections.append(
+            "## Method statistics\n\nRouting shares per teacher (`route/`), accepted share per sample author (`select/accepted/`), "
+            "majority agreement, fallback rate, judge scores (`judge/`), guidance on demand (`guided/`): over the first and "
+            f"the last logged window.\n\n| statistic | first | last |\n|---|---|---|\n{rows}\n"
+        )
     traffic_path = run_dir / "teacher_traffic.json"
     if traffic_path.exists():
         traffic = json.loads(traffic_path.read_text())

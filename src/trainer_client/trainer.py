@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -33,13 +34,21 @@ from potstill.fingerprint import tokenizer_fingerprint
 from trainer_client.config import TrainConfig, load_config
 from trainer_client.data import Dataset, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
-from trainer_client.methods import METHODS, Example, Method, StudentTokens, attach_teacher_distributions, collate, example_loss
-from trainer_client.pool import PoolRunner
+from trainer_client.guided import Guided
+from trainer_client.judges import JUDGE_TAG
+from trainer_client.methods import SFT, LogitKD, Method, SampledTargets, attach_teacher_distributions
+from trainer_client.pool import PoolRunner, TeacherSpec
 from trainer_client.report import write_report
+from trainer_client.samples import Example, StudentTokens
+from trainer_client.student import StudentView
+from trainer_client.student_loss import collate
 from trainer_client.teachers import TeacherUnavailable
 from trainer_client.verifiers import get_verifier
 
 CHECKPOINT_MARKER = "trainer_state.json"
+METHODS: dict[str, type[Method]] = {
+    "sft": SFT, "seq-kd": SampledTargets, "multi-sample": SampledTargets, "logit-kd": LogitKD, "guided": Guided,
+}
 
 
 @dataclass
@@ -62,10 +71,11 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         data = load_rows(config.data, config.skip_bad_rows)
         eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
         runner = cleanup.enter_context(connect_teachers(config, tokenizer, model)) if config.teachers else None
+        student = StudentView(model, tokens)
         if runner:
             cleanup.callback(lambda: (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2)))
         method = METHODS[config.method](config, tokens, runner.pool if runner else None)
-        evaluator = build_evaluator(config, eval_rows, tokens, runner) if eval_rows else None
+        evaluator = build_evaluator(config, eval_rows, tokens, runner, method) if eval_rows else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -80,7 +90,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         # --- train ---
         if evaluator and start_step == 0:
             metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
-        prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner)))
+        prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student)))
         stop_requested = cleanup.enter_context(_stop_at_step_boundary())
         waited = stepped = 0.0
         completed = start_step  # steps whose update the model holds: what a checkpoint must record
@@ -90,11 +100,11 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 task = bar.add_task("train", total=config.steps, completed=start_step, status="")
                 for step in range(start_step, config.steps):
                     started = time.perf_counter()
-                    losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, step, config)
+                    losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, method, step, config)
                     completed = step + 1
                     waited, stepped = waited + wait, stepped + time.perf_counter() - started
                     if completed % config.log_every == 0 or completed == config.steps:
-                        metrics.write({"step": completed, **losses, "lr": scheduler.get_last_lr()[0],
+                        metrics.write({"step": completed, **losses, **method.stats.drain(), "lr": scheduler.get_last_lr()[0],
                                        "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
                                        "teacher_wait_fraction": waited / stepped})
                     if evaluator and (completed % config.eval_every == 0 or completed == config.steps):
@@ -155,10 +165,10 @@ def load_student(name: str):
 
 
 def connect_teachers(config: TrainConfig, tokenizer, model) -> PoolRunner:
-    """Reach every teacher; white-box methods refuse a teacher whose tokenizer differs from the student's."""
+    """Reach every teacher and judge; white-box methods refuse a teacher whose tokenizer differs from the student's."""
     api_key = Path(config.api_key_file).read_text().strip() if config.api_key_file else None
     return PoolRunner.connect(
-        config.teachers,
+        [*config.teachers, *(judge_spec(url, index) for index, url in enumerate(config.judges))],
         api_key=api_key,
         timeout=config.teacher_timeout,
         max_wait=config.teacher_max_wait,
@@ -169,34 +179,56 @@ def connect_teachers(config: TrainConfig, tokenizer, model) -> PoolRunner:
     )
 
 
-def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: PoolRunner | None) -> Evaluator:
+def judge_spec(url: str, index: int) -> TeacherSpec:
+    """A `--judge` endpoint as a pool member tagged `judge` (so no method routes to it), named judge-N unless named."""
+    spec = TeacherSpec.parse(url)
+    return dataclasses.replace(spec, name=spec.name or f"judge-{index}", tags=(*spec.tags, JUDGE_TAG))
+
+
+def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: PoolRunner | None, method: Method) -> Evaluator:
     """Held-out rows; with white-box teachers, their view of the references at temperature 1 is fetched once."""
-    examples = [Example(*tokens.fit(tokens.prompt(r.prompt), tokens.target(r.completion))) for r in rows if r.completion is not None]
-    if runner and config.white_box and examples:
-        runner.run(attach_teacher_distributions(runner.pool, examples, config.top_k, temperature=1.0))
+    with_reference = [r for r in rows if r.completion is not None]
+    groups = method.reference_groups(with_reference)
+    if runner and config.white_box and groups:
+        runner.run(method.router.reference_ce(groups))  # route lowest-ce picks the teacher by it
+        teachers = method.router.teachers_for_scoring(groups)
+        runner.run(attach_teacher_distributions(runner.pool, teachers, tokens, groups, config, temperature=1.0))
+    examples = [example for group in groups for example in group.examples(tokens)]
     verify = get_verifier(config.verifier) if config.verifier else None
     return Evaluator(rows, examples, tokens, verify, config.eval_max_new_tokens)
 
 
-def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher, step: int, config: TrainConfig):
-    """One optimizer step over `grad_accum` micro-batches; returns (averaged losses, seconds waited on teachers)."""
-    totals: dict[str, float] = {}
-    waited = 0.0
+def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher, method: Method, step: int, config: TrainConfig):
+    """One optimizer step over `grad_accum` micro-batches; returns (losses, seconds waited on teachers).
+
+    The loss is Σ weight · token loss over all the step's micro-batches (on every process) divided
+    by their total weight, so a token counts the same whichever micro-batch carries it.
+    """
+    micros, waited = [], 0.0
     for micro in range(config.grad_accum):
         examples, wait = prefetcher.get(step * config.grad_accum + micro)
+        micros.append(examples)
         waited += wait
+    local_weight = sum(e.weight * len(e.target_ids) for examples in micros for e in examples)
+    total_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), reduction="sum").item()
+    # Σ over processes of each one's mean-reduced gradient: each process scales by the world size.
+    scale = accelerator.num_processes / max(total_weight, 1e-12)
+    totals: dict[str, float] = {"loss": 0.0}
+    unwrapped = accelerator.unwrap_model(model)
+    for examples in micros:
+        if not examples:
+            continue
         batch = collate(examples, model_pad_id(accelerator, model)).to(accelerator.device)
         with accelerator.autocast():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, parts = example_loss(logits, batch, config)
-        accelerator.backward(loss / config.grad_accum)
-        for name, value in {"loss": loss.item(), **parts}.items():
-            totals[name] = totals.get(name, 0.0) + value / config.grad_accum
+            loss_sum, parts = method.loss(model, unwrapped, batch)
+        accelerator.backward(loss_sum * scale)
+        for name, value in {"loss": loss_sum.item(), **parts}.items():
+            totals[name] = totals.get(name, 0.0) + value / max(local_weight, 1e-12)
     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return totals, waited
+    return {**totals, "weight": local_weight}, waited
 
 
 def model_pad_id(accelerator, model) -> int:
@@ -205,10 +237,14 @@ def model_pad_id(accelerator, model) -> int:
 
 
 class Prefetcher:
-    """Prepares micro-batches ahead on the teachers' event loop; `get` blocks only if one is not ready."""
+    """Runs a method's stages for each micro-batch: `rollout` and `select` on the training thread,
+    `annotate` on the teachers' event loop. A method without a rollout has its next `prefetch`
+    micro-batches annotated ahead while the optimizer works; one with a rollout starts a step's
+    micro-batches when the step starts (all of them, so their teacher calls overlap), with the
+    student's weights of that step. `get` blocks only on teachers that have not answered yet."""
 
-    def __init__(self, method: Method, data: Dataset, config: TrainConfig, accelerator, runner: PoolRunner | None):
-        self.method, self.data, self.config, self.runner = method, data, config, runner
+    def __init__(self, method: Method, data: Dataset, config: TrainConfig, accelerator, runner: PoolRunner | None, student: StudentView):
+        self.method, self.data, self.config, self.runner, self.student = method, data, config, runner, student
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.pending: dict[int, Future] = {}
 
@@ -218,15 +254,22 @@ class Prefetcher:
 
     def _submit(self, micro: int) -> None:
         if micro not in self.pending and micro < self.config.steps * self.config.grad_accum:
-            coroutine = self.method.prepare(self._rows(micro), micro)
+            rows = self._rows(micro)
+            coroutine = self.method.annotate(rows, self.method.rollout(self.student, rows, micro), micro)
             self.pending[micro] = self.runner.submit(coroutine) if self.runner else _done(coroutine)
 
     def get(self, micro: int) -> tuple[list[Example], float]:
-        for ahead in range(micro, micro + self.config.prefetch + 1):
-            self._submit(ahead)
+        if self.method.uses_student:
+            step_start = micro - micro % self.config.grad_accum
+            ahead = range(micro, step_start + self.config.grad_accum)
+        else:
+            ahead = range(micro, micro + self.config.prefetch + 1)
+        for later in ahead:
+            self._submit(later)
         started = time.perf_counter()
-        examples = self.pending.pop(micro).result()
-        return examples, time.perf_counter() - started
+        groups = self.pending.pop(micro).result()
+        waited = time.perf_counter() - started
+        return self.method.select(groups, self.student), waited
 
     def close(self) -> None:
         for future in self.pending.values():
@@ -310,8 +353,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", dest="teachers", action="append", metavar="URL",
                         help="teacher endpoint (repeatable): grpc://h:p, http://h:p, openai+http://h:p/v1; "
                         "'#name=N&tags=a,b&weight=W' names, tags or weights it")
+    parser.add_argument("--judge", dest="judges", action="append", metavar="URL",
+                        help="judge endpoint (repeatable; any teacher service), for --select judge")
+    parser.add_argument("--judge-rubric", dest="judge_rubrics", action="append", metavar="NAME=TEMPLATE", type=_rubric,
+                        help="judge prompt for one dimension, with {prompt} and {completion} (repeatable; replaces the default "
+                        f"{TrainConfig.model_fields['judge_rubrics'].default_factory()})")
     for name, field in TrainConfig.model_fields.items():
-        if name == "teachers":
+        if name in ("teachers", "judges", "judge_rubrics"):
             continue
         flag = "--" + name.replace("_", "-")
         default = "" if field.is_required() else f" (default: {field.default})"
@@ -321,12 +369,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, type=_flag_type(field.annotation), help=f"{field.description or ''}{default}")
 
 
+def _rubric(text: str) -> tuple[str, str]:
+    name, separator, template = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=TEMPLATE, got {text!r}")
+    return name, template
+
+
 def _flag_type(annotation):
     return annotation if annotation in (int, float) else str
 
 
 def main(args: argparse.Namespace) -> None:
     overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
+    if overrides["judge_rubrics"] is not None:
+        overrides["judge_rubrics"] = dict(overrides["judge_rubrics"])
     config = load_config(args.config, overrides)
     result = train(config)
     print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,

@@ -93,6 +93,25 @@ def make_rows(
     return rows
 
 
+# How the toy judge is asked whether `completion` answers `prompt`; the same text is the default
+# rubric of `--judge` (TrainConfig.judge_rubrics), so the toy judge is used exactly as trained.
+JUDGE_RUBRIC = "{prompt}{completion} right?"
+JUDGE_YES, JUDGE_NO = " yes", " no"
+
+
+def make_judge_rows(n: int, seed: int, ops: tuple[str, ...] = OPS, digits: int = 2, split: str = "train") -> list[dict]:
+    """`n` judge rows: JUDGE_RUBRIC on a problem and a proposed answer, right or (with one digit
+    changed) wrong with equal odds; the completion is JUDGE_YES or JUDGE_NO accordingly."""
+    rng = random.Random(f"judge/{seed}")
+    rows = []
+    for row in make_rows(n, seed, ops, digits, split):
+        right = rng.random() < 0.5
+        proposed = row["answer"] if right else corrupt(row["answer"], rng)
+        rows.append({"prompt": JUDGE_RUBRIC.format(prompt=row["prompt"], completion=proposed),
+                     "completion": JUDGE_YES if right else JUDGE_NO, "answer": row["answer"]})
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write one JSON object per line (the project's data format); returns the path."""
     path = Path(path)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from potstill.toy.arithmetic import make_rows
+from potstill.toy.arithmetic import make_judge_rows, make_rows
 from potstill.toy.models import build_tiny_model
 
 MARKER = "potstill-toy.json"  # written last: its presence means the folder is complete
@@ -34,6 +34,7 @@ class TeacherSpec:
     ops: tuple[str, ...] = ("+", "-")
     digits: int = 2
     wrong_rate: float = 0.0  # the share of training completions with a wrong answer
+    judge: bool = False  # trained to answer JUDGE_RUBRIC with " yes" / " no" instead of solving
     hidden_size: int = 128
     layers: int = 2
     heads: int = 4
@@ -55,6 +56,12 @@ TEACHER_SPECS: dict[str, TeacherSpec] = {
     "sub-only": TeacherSpec("a specialist trained on subtraction only", ops=("-",)),
     "noisy": TeacherSpec(
         "trained on add+sub data whose answers are wrong 30% of the time", wrong_rate=0.3
+    ),
+    "noisy-50": TeacherSpec(
+        "trained on add+sub data whose answers are wrong 50% of the time", wrong_rate=0.5
+    ),
+    "judge": TeacherSpec(
+        "a judge: says whether a proposed answer to an add+sub problem is right (JUDGE_RUBRIC)", judge=True
     ),
 }
 
@@ -83,7 +90,10 @@ def build_teacher(name: str, cache_dir: str | Path, seed: int = 0, **overrides) 
     _start_fresh(path)
     build_tiny_model(path, seed, hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads)
     model, tokenizer = load(path)
-    rows = make_rows(spec.train_rows, seed, spec.ops, spec.digits, "train", spec.wrong_rate)
+    if spec.judge:
+        rows = make_judge_rows(spec.train_rows, seed, spec.ops, spec.digits, "train")
+    else:
+        rows = make_rows(spec.train_rows, seed, spec.ops, spec.digits, "train", spec.wrong_rate)
     losses = train_supervised(model, tokenizer, rows, spec.steps, spec.batch_size, spec.lr, seed)
     model.save_pretrained(path)
     _write_marker(path, {**recipe, "final_loss": sum(losses[-50:]) / len(losses[-50:])})

@@ -1,0 +1,109 @@
+"""What flows between a method's stages: candidate completions grouped per prompt, and examples.
+
+`annotate` turns rows into `PromptGroup`s: each row's prompt with every candidate completion
+proposed for it (by which teacher, or by the student itself), so a selection rule sees a
+prompt's whole group (majority voting needs it) and can tell teachers apart. `select` turns
+groups into weighted `Example`s; an example's weight reaches the loss as a float mask.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from potstill.fingerprint import tokenizer_fingerprint
+from teacher_service.protocol import Sample
+from trainer_client.data import Row
+
+STUDENT = "student"  # the `author` of a candidate the student sampled itself
+
+
+@dataclass
+class Example:
+    """One student sequence: the loss is on `target_ids`, given `prompt_ids`, scaled by `weight` >= 0."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    weight: float = 1.0
+    teacher_ids: np.ndarray | None = None  # int [len(target_ids), K]
+    teacher_logprobs: np.ndarray | None = None  # float [len(target_ids), K]
+
+
+@dataclass
+class Candidate:
+    """A completion proposed for a prompt, in the student's token ids, and what is known of it."""
+
+    target_ids: list[int]
+    text: str
+    author: str  # the teacher's (group) name, or STUDENT
+    mean_logprob: float | None = None  # the author's mean log-prob per token of its own sample
+    weight: float = 1.0  # set by selection: 0 drops the candidate
+    scores: dict[str, float] = field(default_factory=dict)  # judge dimensions, in [0, 1]
+    # The teachers' top-k at each (fitted) target position, for white-box losses.
+    teacher_ids: np.ndarray | None = None  # int [len(fitted target), K]
+    teacher_logprobs: np.ndarray | None = None  # float [len(fitted target), K]
+
+
+@dataclass
+class PromptGroup:
+    """A row, its prompt ids, and every candidate completion proposed for it."""
+
+    row: Row
+    prompt_ids: list[int]
+    candidates: list[Candidate] = field(default_factory=list)
+    teacher_ce: dict[str, float] = field(default_factory=dict)  # per teacher, on the row's reference (route lowest-ce)
+
+    def by_author(self) -> dict[str, list[Candidate]]:
+        grouped: dict[str, list[Candidate]] = defaultdict(list)
+        for candidate in self.candidates:
+            grouped[candidate.author].append(candidate)
+        return dict(grouped)
+
+    def examples(self, tokens: StudentTokens) -> list[Example]:
+        """The candidates with a positive weight, as weighted examples."""
+        return [
+            Example(*tokens.fit(self.prompt_ids, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs)
+            for c in self.candidates
+            if c.weight > 0 and c.target_ids
+        ]
+
+
+class StudentTokens:
+    """How the student turns rows and teacher samples into token ids."""
+
+    def __init__(self, tokenizer, max_seq_len: int):
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.eos_id = tokenizer.eos_token_id
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+
+    def prompt(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def target(self, text: str, ends: bool = True) -> list[int]:
+        """A completion's ids, closed by EOS when the text is complete (so the student learns to stop)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.eos_id] if ends and self.eos_id is not None else ids
+
+    def text(self, target_ids: list[int]) -> str:
+        return self.tokenizer.decode(target_ids, skip_special_tokens=True)
+
+    def fit(self, prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Cut to `max_seq_len`: the target's end first, then the prompt's start (never below 1 token each)."""
+        target_ids = target_ids[: max(1, self.max_seq_len - 1)]
+        prompt_ids = prompt_ids[-max(1, self.max_seq_len - len(target_ids)) :]
+        return prompt_ids, target_ids
+
+    def teacher_candidate(self, sample: Sample, author: str, same_tokenizer: bool) -> Candidate:
+        """A teacher sample in the student's ids. A teacher with another tokenizer hands over text;
+        one with the student's hands over its token ids, exactly (decoding partial byte tokens to
+        text and back would lose them)."""
+        if same_tokenizer:
+            target = sample.token_ids.tolist()
+        else:
+            target = self.target(sample.text, ends=sample.finish_reason == "stop")
+        logprobs = sample.token_logprobs
+        mean = float(np.mean(logprobs)) if logprobs is not None and len(logprobs) else None
+        return Candidate(target_ids=target, text=sample.text, author=author, mean_logprob=mean)
