@@ -9,8 +9,8 @@ cross-entropy) on one sequence whose positions are all targets, two ways:
   did before; TRL's and torchtune's plain KD losses do the same);
 - chunked: `student_loss.weighted_loss_sum`, the trainer's loss (output layer, log-softmax and
   divergence on `--chunk` positions at a time, recomputed in the backward pass).
-Each measurement runs in a fresh process, on the CPU, and reports the growth of the process's
-peak resident memory during the step (`ru_maxrss`), so nothing else in the process is counted.
+Each measurement runs in a fresh process, on the CPU, and reports the highest resident memory
+seen during the step (sampled every millisecond) minus the resident memory just before it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,36 @@ import json
 import resource
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakResident:
+    """The highest resident memory seen while inside, sampled every millisecond by a thread."""
+
+    def __enter__(self):
+        self.peak, self.running = _resident_mib(), True
+        self.thread = threading.Thread(target=self._sample)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _resident_mib())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
 
 
 def measure(way: str, length: int, vocab: int, chunk: int) -> float:
@@ -49,16 +71,17 @@ def measure(way: str, length: int, vocab: int, chunk: int) -> float:
     top_logprobs = torch.log_softmax(torch.randn(length, 20), -1) - 0.1
     example = Example(ids[:1], ids[1:], 1.0, top_ids.numpy(), top_logprobs.numpy())
     batch = collate([example], pad_id=0)
-    baseline = _peak_mib()
-    if way == "full":
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [1, T, V]
-        keep = batch.weights > 0
-        loss, _ = token_losses(logits[keep], batch.labels[keep], batch.teacher_ids[keep], batch.teacher_logprobs[keep], config)
-        loss.sum().backward()
-    else:
-        loss, _ = weighted_loss_sum(model, model, batch, config)
-        loss.backward()
-    return _peak_mib() - baseline
+    baseline = _resident_mib()
+    with PeakResident() as peak:
+        if way == "full":
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [1, T, V]
+            keep = batch.weights > 0
+            loss, _ = token_losses(logits[keep], batch.labels[keep], batch.teacher_ids[keep], batch.teacher_logprobs[keep], config)
+            loss.sum().backward()
+        else:
+            loss, _ = weighted_loss_sum(model, model, batch, config)
+            loss.backward()
+    return peak.peak - baseline
 
 
 def main() -> None:
