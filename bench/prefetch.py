@@ -20,7 +20,8 @@ from rich.table import Table
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.config import TrainConfig
 from trainer_client.trainer import train
 

@@ -34,7 +34,7 @@ from rich.table import Table
 from potstill.demo import BATCH_SIZE, VERIFIER, default_cache_dir, model_accuracy
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.world import build_student, build_teacher
-from teacher_service.serve import TeacherProcess
+from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.pool import TeacherPool
 from trainer_client.report import read_metrics

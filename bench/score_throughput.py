@@ -35,7 +35,8 @@ from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
 from teacher_service.backends.base import BackendConfig, ScoreItem
 from teacher_service.backends.hf import HFBackend
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 
 PROTOBUF = "application/x-protobuf"
 

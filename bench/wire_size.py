@@ -27,7 +27,8 @@ from rich.table import Table
 from potstill.toy.models import build_tiny_model
 from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 
 PROTOBUF = "application/x-protobuf"
 

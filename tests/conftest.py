@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from potstill.toy.models import build_tiny_model
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 
 # Two cores on CI: one for the servers' model, one for the test's own work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.world import build_student, build_teacher, load
-from teacher_service.serve import TeacherProcess
+from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.evaluation import accuracy

@@ -26,13 +26,21 @@ PROTOBUF = "application/x-protobuf"
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 
 
-def build_app(service: TeacherService, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def build_app(
+    service: TeacherService,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_need_api_key: bool = False,
+) -> FastAPI:
     app = FastAPI(title="Potstill teacher", version="1")
     app.state.service = service
     app.state.openai = OpenAICompat(service)
     app.state.max_body_bytes = max_body_bytes
+    authenticated = [Depends(_require_api_key(api_key))]
     app.include_router(_open_routes)
-    app.include_router(_model_routes, dependencies=[Depends(_require_api_key(api_key))])
+    # Prometheus scrapes without credentials unless the operator asks otherwise.
+    app.include_router(_metrics_routes, dependencies=authenticated if metrics_need_api_key else [])
+    app.include_router(_model_routes, dependencies=authenticated)
     app.add_exception_handler(TeacherError, _teacher_error_response)
 
     @app.middleware("http")
@@ -110,17 +118,27 @@ def _service(request: Request) -> TeacherService:
 # --- routes ---
 
 _open_routes = APIRouter()
+_metrics_routes = APIRouter()
 _model_routes = APIRouter()
 
 
 @_open_routes.get("/health")
-async def health(request: Request) -> JSONResponse:
-    if not _service(request).ready:
-        return JSONResponse({"status": "loading"}, status_code=503)
+@_open_routes.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded; 503 while loading and from SIGTERM on (draining)."""
+    service = _service(request)
+    if not service.ready:
+        return JSONResponse({"status": "draining" if service.draining else "loading"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-@_model_routes.get("/metrics")
+@_open_routes.get("/health/live")
+async def live() -> JSONResponse:
+    """200 whenever the server answers at all: loading or draining is not a reason to restart it."""
+    return JSONResponse({"status": "alive"})
+
+
+@_metrics_routes.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(_service(request).metrics.exposition(), media_type="text/plain; version=0.0.4")
 

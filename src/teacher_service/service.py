@@ -51,6 +51,7 @@ class TeacherService:
         self._backend: Backend | None = None
         self._limits: Limits | None = None
         self._admitted = 0
+        self._draining = False
         # One thread: the model runs one batch at a time, and callers never share a forward pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-backend")
 
@@ -71,7 +72,16 @@ class TeacherService:
 
     @property
     def ready(self) -> bool:
-        return self._backend is not None
+        """Loaded and not shutting down: where load balancers should send requests."""
+        return self._backend is not None and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Report not ready from now on (requests are still answered until the servers stop)."""
+        self._draining = True
 
     def close(self) -> None:
         self._backend = None

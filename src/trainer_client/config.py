@@ -7,10 +7,8 @@ both land in `TrainConfig`, whose errors name the offending key.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided"]
@@ -157,15 +155,3 @@ class TrainConfig(BaseModel):
     @property
     def white_box(self) -> bool:
         return self.method == "logit-kd"
-
-
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The YAML file's keys (dashes or underscores), then every override that is not None."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
-        values = {key.replace("-", "_"): value for key, value in loaded.items()}
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    return TrainConfig(**values)

@@ -31,7 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from potstill.fingerprint import tokenizer_fingerprint
-from trainer_client.config import TrainConfig, load_config
+from potstill.flags import add_schema_arguments, settings_values
+from trainer_client.config import TrainConfig
 from trainer_client.data import Dataset, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
 from trainer_client.guided import Guided
@@ -358,15 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-rubric", dest="judge_rubrics", action="append", metavar="NAME=TEMPLATE", type=_rubric,
                         help="judge prompt for one dimension, with {prompt} and {completion} (repeatable; replaces the default "
                         f"{TrainConfig.model_fields['judge_rubrics'].default_factory()})")
-    for name, field in TrainConfig.model_fields.items():
-        if name in ("teachers", "judges", "judge_rubrics"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = "" if field.is_required() else f" (default: {field.default})"
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=f"{field.description or ''}{default}")
-        else:
-            parser.add_argument(flag, default=None, type=_flag_type(field.annotation), help=f"{field.description or ''}{default}")
+    add_schema_arguments(parser, TrainConfig, skip={"teachers", "judges", "judge_rubrics"})
 
 
 def _rubric(text: str) -> tuple[str, str]:
@@ -376,15 +369,11 @@ def _rubric(text: str) -> tuple[str, str]:
     return name, template
 
 
-def _flag_type(annotation):
-    return annotation if annotation in (int, float) else str
-
-
 def main(args: argparse.Namespace) -> None:
-    overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
-    if overrides["judge_rubrics"] is not None:
-        overrides["judge_rubrics"] = dict(overrides["judge_rubrics"])
-    config = load_config(args.config, overrides)
+    values = settings_values(args, TrainConfig, args.config)
+    if args.judge_rubrics is not None:
+        values["judge_rubrics"] = dict(args.judge_rubrics)
+    config = TrainConfig(**values)
     result = train(config)
     print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,
                       "teacher_wait_fraction": round(result.teacher_wait_fraction, 4)}))

@@ -17,7 +17,8 @@ import yaml
 
 from potstill.cli import build_parser
 from potstill.toy.__main__ import build_parser as toy_parser
-from trainer_client.config import TrainConfig, load_config
+from potstill.flags import settings_values
+from trainer_client.config import TrainConfig
 from trainer_client.pool import TeacherSpec
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -39,7 +40,7 @@ def check_command(argv: list[str]) -> None:
             return
         pytest.fail(f"potstill refuses {' '.join(argv)} (exit {exit_.code})")
     if parsed.command == "train":
-        config = load_config(None, {name: getattr(parsed, name, None) for name in TrainConfig.model_fields})
+        config = TrainConfig(**settings_values(parsed, TrainConfig))
         for url in config.teachers:
             TeacherSpec.parse(url)
 

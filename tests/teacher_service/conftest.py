@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potstill.v1 import teacher_pb2_grpc
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 
 PROTOBUF = "application/x-protobuf"
 

@@ -25,7 +25,7 @@ from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
 from teacher_service.backends import BACKENDS
-from teacher_service.serve import BackgroundTeacher
+from teacher_service.testing import BackgroundTeacher
 
 from .conftest import PROTOBUF, grpc_target
 

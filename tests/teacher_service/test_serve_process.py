@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
@@ -154,6 +155,7 @@ def test_serve_with_an_api_key_file(tiny_model_dir, tmp_path):
     with serve(tiny_model_dir, tmp_path, "--api-key-file", str(key_file)) as server:
         good = {"Authorization": "Bearer file-key-123"}
         assert httpx.get(server.http_url + "/health").status_code == 200
+        assert httpx.get(server.http_url + "/metrics").status_code == 200  # Prometheus scrapes without the key
         assert httpx.post(server.http_url + "/v1/score", json=SCORE).status_code == 401
         assert httpx.post(server.http_url + "/v1/score", json=SCORE, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.post(server.http_url + "/v1/score", json=SCORE, headers=good).status_code == 200
@@ -164,3 +166,32 @@ def test_serve_with_an_api_key_file(tiny_model_dir, tmp_path):
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", "Bearer file-key-123")]).vocab_size == 384
         drain_on_sigterm(server, api_key="file-key-123")
+
+
+def test_settings_come_from_a_yaml_file_then_the_environment_then_flags(tiny_model_dir, tmp_path, monkeypatch):
+    config = tmp_path / "serve.yaml"
+    config.write_text("max-batch: 5\nmax_top_logprobs: 7\nmax-samples: 3\n")
+    monkeypatch.setenv("POTSTILL_MAX_BATCH", "4")  # the environment beats the file
+    monkeypatch.setenv("POTSTILL_MAX_SAMPLES", "2")  # a flag beats the environment
+    with serve(tiny_model_dir, tmp_path, "--config", str(config), "--max-samples", "6") as server:
+        info = httpx.get(server.http_url + "/v1/model").json()
+        assert (info["max_batch"], info["max_top_logprobs"], info["max_samples"]) == (4, 7, 6)
+        drain_on_sigterm(server)
+
+
+def test_sigterm_turns_readiness_false_while_requests_are_still_answered(tiny_model_dir, tmp_path):
+    # The drain delay is long enough for a loaded machine to send three requests within it.
+    with serve(tiny_model_dir, tmp_path, "--drain-delay-seconds", "15") as server:
+        assert httpx.get(server.http_url + "/health/ready").json() == {"status": "ok"}
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service="potstill.v1.Teacher")).status == health_pb2.HealthCheckResponse.SERVING
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(re.compile("shutting down"), server.log.read_text, 30, server.process)
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = httpx.get(server.http_url + "/health/ready")
+        assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+        assert httpx.get(server.http_url + "/health").status_code == 503
+        assert httpx.get(server.http_url + "/health/live").json() == {"status": "alive"}
+        assert httpx.post(server.http_url + "/v1/score", json=SCORE).status_code == 200
+        assert server.exit_code(timeout=120) == 0

@@ -11,7 +11,8 @@ import pytest
 from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.teachers import GrpcTeacherClient
 
 NAME = "teachers.potstill.test"

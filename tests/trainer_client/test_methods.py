@@ -17,7 +17,8 @@ import pytest
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.judges import Judge

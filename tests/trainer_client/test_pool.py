@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.pool import PoolRunner, TeacherPool, TeacherSpec
 from trainer_client.teachers import TeacherRequestError, TeacherUnavailable
 

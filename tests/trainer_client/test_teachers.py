@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.teachers import (
     CLIENTS,
     GrpcTeacherClient,

@@ -1,0 +1,56 @@
+"""One schema for serving a teacher: every setting of `potstill serve`, its default, range and help.
+
+`potstill serve` reads it from flags, `POTSTILL_*` environment variables (the flag in upper snake
+case: `--http-port` is `POTSTILL_HTTP_PORT`) and a YAML file (`--config serve.yaml`, keys as the
+flags without dashes or as field names); flags win over the environment, which wins over the file.
+Test harnesses and benchmarks build it directly: `ServeOptions(model=path, http_port=0)`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from teacher_service.backends import BACKENDS
+from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from teacher_service.http_server import DEFAULT_MAX_BODY_BYTES
+from teacher_service.protocol import Limits
+
+ENV_PREFIX = "POTSTILL_"
+BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # the registered backends
+
+
+class ServeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Path or hub id of a causal language model.")
+    backend: BackendName = Field("hf", description="What computes the answers.")
+    host: str = Field("127.0.0.1", description="Address both servers listen on (0.0.0.0 in a container).")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype.")
+    api_key_file: str | None = Field(None, description="File holding the API key clients must send as a Bearer token.")
+    api_key: str | None = Field(None, exclude=True, repr=False, description="The key itself (read from api_key_file).")
+    max_model_len: int | None = Field(None, ge=1, description="Cap on prompt + completion tokens (none: the model's own).")
+    max_top_logprobs: int = Field(Limits.max_top_logprobs, ge=0, description="Largest k a request may ask for.")
+    max_samples: int = Field(Limits.max_samples, ge=1, description="Largest n per prompt.")
+    max_new_tokens: int = Field(Limits.max_new_tokens, ge=1, description="Most tokens one sample may generate.")
+    max_batch: int = Field(Limits.max_batch, ge=1, description="Most sequences or prompts per request (clients split larger batches).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests admitted at once; more are refused with 429 / RESOURCE_EXHAUSTED.")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest HTTP request body.")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1, description="Largest gRPC message, either way.")
+    grace_seconds: float = Field(30.0, ge=0, description="How long in-flight requests may take to finish on SIGTERM.")
+    drain_delay_seconds: float = Field(
+        0.0, ge=0, description="After SIGTERM, how long readiness reports false while requests are still accepted, "
+        "so load balancers stop sending before the servers stop listening.",
+    )
+    metrics_need_api_key: bool = Field(False, description="Ask for the API key on /metrics too (by default Prometheus scrapes it freely).")
+
+    def with_api_key(self) -> ServeOptions:
+        """These options with `api_key` read from `api_key_file` (when one is set)."""
+        if self.api_key_file is None:
+            return self
+        with open(self.api_key_file) as key_file:
+            return self.model_copy(update={"api_key": key_file.read().strip()})
