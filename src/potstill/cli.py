@@ -13,7 +13,8 @@ import sys
 SUBCOMMANDS = {
     "serve": ("teacher_service.serve", "serve a teacher model over HTTP and gRPC"),
     "query": ("trainer_client.query", "score or sample from a teacher endpoint"),
-    "train": ("trainer_client.trainer", "train a student from teacher endpoints"),
+    "collect": ("trainer_client.collect", "ask teachers once over a dataset and store their answers as a teacher cache"),
+    "train": ("trainer_client.trainer", "train a student from teacher endpoints or a teacher cache"),
     "demo": ("potstill.demo", "the whole system on a toy task: serve a teacher, distil a student, report"),
 }
 

@@ -115,7 +115,13 @@ class TrainConfig(BaseModel):
     teacher_max_wait: float = Field(600.0, gt=0, description="Seconds to wait for a teacher to come back before stopping.")
     api_key_file: str | None = Field(None, description="File with the teachers' API key.")
 
-    @field_validator("student", "data", "eval_data", "output", "api_key_file")
+    # --- teachers from disk (`potstill collect` makes the cache) ---
+    teacher_cache: str | None = Field(None, description="Teacher cache directory written by `potstill collect`: teacher "
+                                      "answers are read from it instead of asking the --teacher endpoints.")
+    cache_miss: Literal["error", "live"] = Field("error", description="A request the cache cannot answer: stop with an "
+                                                 "error, or ask the live --teacher endpoints (live).")
+
+    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_cache")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         # A hub id ("org/model") has no "~" and passes through unchanged.
@@ -131,8 +137,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _settings_fit_the_method(self) -> TrainConfig:
-        if self.method != "sft" and not self.teachers:
-            raise ValueError(f"method {self.method!r} needs at least one --teacher")
+        if self.method != "sft" and not self.teachers and not self.teacher_cache:
+            raise ValueError(f"method {self.method!r} needs at least one --teacher or a --teacher-cache")
+        if self.cache_miss == "live" and not (self.teachers and self.teacher_cache):
+            raise ValueError("cache_miss 'live' needs a --teacher-cache and --teacher endpoints to answer what it lacks")
         if self.route is None:
             self.route = "tags" if self.method == "multi-sample" else "mixture"
         needs_verifier = [
@@ -151,6 +159,11 @@ class TrainConfig(BaseModel):
         if self.adversarial_weight and self.method != "multi-sample":
             raise ValueError("adversarial_weight applies to method multi-sample")
         return self
+
+    @property
+    def live_teachers(self) -> bool:
+        """Whether the run talks to the --teacher endpoints (with a cache, only for its misses)."""
+        return bool(self.teachers) and (not self.teacher_cache or self.cache_miss == "live")
 
     @property
     def white_box(self) -> bool:

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
+from trainer_client.cache_source import CacheSource, TeacherCache, check_cache, check_live_teachers, request_settings
 from trainer_client.config import TrainConfig
 from trainer_client.data import Dataset, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
@@ -71,7 +72,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         tokens = StudentTokens(tokenizer, config.max_seq_len)
         data = load_rows(config.data, config.skip_bad_rows)
         eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
-        runner = cleanup.enter_context(connect_teachers(config, tokenizer, model)) if config.teachers else None
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
         student = StudentView(model, tokens)
         if runner:
             cleanup.callback(lambda: (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2)))
@@ -165,7 +167,26 @@ def load_student(name: str):
     return tokenizer, model
 
 
-def connect_teachers(config: TrainConfig, tokenizer, model) -> PoolRunner:
+def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
+    """Where the run's teacher answers come from, on a background event loop (`runner.pool`): the live
+    teachers, or with `--teacher-cache` the cache (checked against the run), falling back to the live
+    teachers for what it lacks with `--cache-miss live`."""
+    if not config.teacher_cache:
+        return connect_teachers(config, tokenizer, vocab_size)
+    cache = TeacherCache(config.teacher_cache)
+    check_cache(cache.manifest, request_settings(config, tokenizer_fingerprint(tokenizer)), vocab_size, config.white_box, cache.directory)
+    runner = connect_teachers(config, tokenizer, vocab_size) if config.live_teachers else PoolRunner()
+    try:
+        if runner.pool is not None:
+            check_live_teachers(cache.manifest.teachers, runner.pool.groups(), cache.directory)
+        runner.pool = CacheSource(cache, fallback=runner.pool)
+    except BaseException:
+        runner.close()
+        raise
+    return runner
+
+
+def connect_teachers(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
     """Reach every teacher and judge; white-box methods refuse a teacher whose tokenizer differs from the student's."""
     api_key = Path(config.api_key_file).read_text().strip() if config.api_key_file else None
     return PoolRunner.connect(
@@ -174,7 +195,7 @@ def connect_teachers(config: TrainConfig, tokenizer, model) -> PoolRunner:
         timeout=config.teacher_timeout,
         max_wait=config.teacher_max_wait,
         student_fingerprint=tokenizer_fingerprint(tokenizer),
-        student_vocab_size=model.get_output_embeddings().weight.shape[0],
+        student_vocab_size=vocab_size,
         require_white_box=config.white_box,
         tokenizer=tokenizer,
     )
@@ -191,12 +212,18 @@ def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: Po
     with_reference = [r for r in rows if r.completion is not None]
     groups = method.reference_groups(with_reference)
     if runner and config.white_box and groups:
-        runner.run(method.router.reference_ce(groups))  # route lowest-ce picks the teacher by it
-        teachers = method.router.teachers_for_scoring(groups)
-        runner.run(attach_teacher_distributions(runner.pool, teachers, tokens, groups, config, temperature=1.0))
+        runner.run(annotate_held_out(method, groups))
     examples = [example for group in groups for example in group.examples(tokens)]
     verify = get_verifier(config.verifier) if config.verifier else None
     return Evaluator(rows, examples, tokens, verify, config.eval_max_new_tokens)
+
+
+async def annotate_held_out(method: Method, groups: list) -> None:
+    """The teachers' view of held-out references, at temperature 1, from the method's source
+    (route lowest-ce first asks every teacher's cross-entropy on them, to pick one)."""
+    await method.router.reference_ce(groups)
+    teachers = method.router.teachers_for_scoring(groups)
+    await attach_teacher_distributions(method.source, teachers, method.tokens, groups, method.config, temperature=1.0)
 
 
 def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher, method: Method, step: int, config: TrainConfig):
@@ -349,7 +376,8 @@ def _progress_bar(enabled: bool) -> Progress:
 # --- command line ---
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """The `--config` file and a flag per `TrainConfig` field (those in `only` when given)."""
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--teacher", dest="teachers", action="append", metavar="URL",
                         help="teacher endpoint (repeatable): grpc://h:p, http://h:p, openai+http://h:p/v1; "
@@ -359,7 +387,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-rubric", dest="judge_rubrics", action="append", metavar="NAME=TEMPLATE", type=_rubric,
                         help="judge prompt for one dimension, with {prompt} and {completion} (repeatable; replaces the default "
                         f"{TrainConfig.model_fields['judge_rubrics'].default_factory()})")
-    add_schema_arguments(parser, TrainConfig, skip={"teachers", "judges", "judge_rubrics"})
+    others = {name for name in TrainConfig.model_fields if only is not None and name not in only}
+    add_schema_arguments(parser, TrainConfig, skip={"teachers", "judges", "judge_rubrics", *others})
 
 
 def _rubric(text: str) -> tuple[str, str]:
@@ -369,11 +398,17 @@ def _rubric(text: str) -> tuple[str, str]:
     return name, template
 
 
-def main(args: argparse.Namespace) -> None:
-    values = settings_values(args, TrainConfig, args.config)
+def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> TrainConfig:
+    """The `--config` file with the flags given over it (flags named in `skip` belong to another schema)."""
+    given = argparse.Namespace(**{**vars(args), **dict.fromkeys(skip)})
+    values = settings_values(given, TrainConfig, args.config)
     if args.judge_rubrics is not None:
         values["judge_rubrics"] = dict(args.judge_rubrics)
-    config = TrainConfig(**values)
+    return TrainConfig(**values)
+
+
+def main(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
     result = train(config)
     print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,
                       "teacher_wait_fraction": round(result.teacher_wait_fraction, 4)}))

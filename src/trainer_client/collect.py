@@ -1,0 +1,203 @@
+"""`potstill collect`: ask the teachers once over a dataset and keep their answers as a cache.
+
+The requests are the ones `potstill train` would send, built by the same method code from the
+same settings (the same `--config` file serves both), so a run with `--teacher-cache DIR` finds
+every answer it needs: top-k scores of the data's completions (logit-kd), n samples per prompt
+(seq-kd), or both (logit-kd on teacher samples), plus, with `--eval-data`, the held-out
+references scored at temperature 1 for the run's evaluation.
+
+Rows are taken in data order, `--shard-rows` per shard. A shard's batches are all sent at once;
+the pool spreads them over the replicas of each teacher. A finished shard is written and listed
+in the manifest before the next one starts, so after Ctrl-C or a crash the same command keeps
+the finished shards (checked by SHA-256) and redoes the rest: no row is collected twice or lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import AutoConfig, AutoTokenizer
+
+from potstill.fingerprint import tokenizer_fingerprint
+from trainer_client.cache_source import RecordingSource, check_live_teachers, request_settings
+from trainer_client.cache_store import CachedTeacher, CacheError, Entry, Manifest, ShardRecord, StorageFormat, id_bits_for, sha256_of, write_shard
+from trainer_client.config import TrainConfig
+from trainer_client.data import Row, load_rows
+from trainer_client.methods import METHODS, StudentTokens, attach_teacher_distributions
+from trainer_client.pool import PoolRunner
+from trainer_client import trainer
+
+# The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
+REQUEST_FIELDS = {
+    "student", "data", "eval_data", "eval_rows", "skip_bad_rows", "method", "kd_targets", "top_k", "temperature",
+    "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed",
+    "teacher_timeout", "teacher_max_wait", "api_key_file",
+}
+
+
+class CollectOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path = Field(description="Cache directory (created; an existing one with the same settings is resumed).")
+    shard_rows: int = Field(1024, ge=1, description="Data rows per shard: the unit that is redone after an interruption.")
+    fp16: bool = Field(False, description="Store log-probs as float16 (half the bytes of float32; ~1e-3 relative error).")
+    pack_ids: bool = Field(False, description="Store token ids in ceil(log2(vocab_size)) bits instead of 32.")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    part: str  # "train" or "eval"
+    start: int
+    end: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.part}-{self.start:010d}-{self.end:010d}.arrow"
+
+
+def plan_shards(train_rows: int, eval_rows: int, shard_rows: int) -> list[ShardPlan]:
+    """Every shard of a cache: consecutive row ranges covering each part exactly once."""
+    plans = [ShardPlan("train", start, min(start + shard_rows, train_rows)) for start in range(0, train_rows, shard_rows)]
+    return plans + [ShardPlan("eval", start, min(start + shard_rows, eval_rows)) for start in range(0, eval_rows, shard_rows)]
+
+
+@dataclass
+class CollectResult:
+    manifest: Manifest
+    traffic: dict  # per endpoint: the pool's counters (requests, retries, seconds, ...)
+
+
+def collect(config: TrainConfig, options: CollectOptions, progress: bool = True) -> CollectResult:
+    """Fill `options.output` with the teachers' answers for every row."""
+    if config.method == "sft":
+        raise ValueError("method 'sft' asks no teacher: there is nothing to collect")
+    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    vocab_size = AutoConfig.from_pretrained(config.student).vocab_size
+    tokens = StudentTokens(tokenizer, config.max_seq_len)
+    parts = {"train": load_rows(config.data, config.skip_bad_rows).rows}
+    if config.eval_data and config.white_box:
+        parts["eval"] = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows]
+    options.output.mkdir(parents=True, exist_ok=True)
+    with trainer.connect_teachers(config, tokenizer, vocab_size) as runner:
+        manifest = _start_or_resume(options, runner, request_settings(config, tokenizer_fingerprint(tokenizer)), parts, config)
+        done = {record.file for record in manifest.shards}
+        plans = plan_shards(len(parts["train"]), len(parts.get("eval", [])), options.shard_rows)
+        with _progress_bar(progress) as bar:
+            task = bar.add_task("collect", total=sum(p.end - p.start for p in plans))
+            bar.update(task, completed=sum(p.end - p.start for p in plans if p.file in done))
+            try:
+                for plan in plans:
+                    if plan.file in done:
+                        continue
+                    rows = parts[plan.part][plan.start : plan.end]
+                    entries = runner.run(_answers(config, tokens, runner.pool, plan, rows, lambda n: bar.advance(task, n)))
+                    manifest.shards = sorted([*manifest.shards, _write(options.output, plan, entries, manifest.storage)],
+                                             key=lambda shard: (shard.part != "train", shard.rows))
+                    manifest.write(options.output)
+            except KeyboardInterrupt:
+                print(f"interrupted: {len(manifest.shards)} of {len(plans)} shards are kept in {options.output}; "
+                      "run the same command again to finish")
+                raise
+        return CollectResult(manifest, runner.pool.stats())
+
+
+async def _answers(config: TrainConfig, tokens: StudentTokens, pool, plan: ShardPlan, rows: list[Row], advance) -> list[Entry]:
+    """The teachers' answers for one shard's rows: its batches go out at once, recorded as they come back."""
+    recorder = RecordingSource(pool)
+    if plan.part == "eval":
+        await attach_teacher_distributions(recorder, trainer.held_out_examples(rows, tokens), config.top_k, temperature=1.0)
+        advance(len(rows))
+    else:
+        method = METHODS[config.method](config, tokens, recorder)
+
+        async def batch(start: int) -> None:
+            chunk = rows[start : start + config.batch_size]
+            await method.prepare(chunk, (plan.start + start) // config.batch_size)
+            advance(len(chunk))
+
+        await asyncio.gather(*(batch(start) for start in range(0, len(rows), config.batch_size)))
+    return _unique_sorted(recorder.entries)
+
+
+def _unique_sorted(entries: list[Entry]) -> list[Entry]:
+    """One entry per (teacher, kind, key, sample) — a row repeated in the data is stored once — in a fixed
+    order, so the same answers make the same shard whatever order they arrived in."""
+    unique = {(e.teacher, e.kind, e.key, e.sample): e for e in reversed(entries)}
+    return [unique[key] for key in sorted(unique)]
+
+
+def _write(directory: Path, plan: ShardPlan, entries: list[Entry], storage: StorageFormat) -> ShardRecord:
+    counts, positions, size, digest = write_shard(directory, plan.file, entries, storage)
+    return ShardRecord(file=plan.file, part=plan.part, rows=(plan.start, plan.end), entries=counts,
+                       positions=positions, bytes=size, sha256=digest)
+
+
+def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict, parts: dict, config: TrainConfig) -> Manifest:
+    """A new manifest, or the existing one if it was made the same way; shards that fail their checksum are dropped (redone)."""
+    teachers = [CachedTeacher(name=g.name, tags=g.tags, weight=g.weight, info=g.info) for g in runner.pool.groups()]
+    id_bits = id_bits_for(max(t.info.vocab_size for t in teachers)) if options.pack_ids else 32
+    fresh = Manifest(
+        teachers=teachers, settings=settings,
+        storage=StorageFormat(values="float16" if options.fp16 else "float32", id_bits=id_bits),
+        data={"train": {"source": config.data, "rows": len(parts["train"])},
+              **({"eval": {"source": config.eval_data, "rows": len(parts["eval"])}} if "eval" in parts else {})},
+        shard_rows=options.shard_rows,
+    )
+    if not (options.output / "manifest.json").exists():
+        fresh.write(options.output)
+        return fresh
+    existing = Manifest.read(options.output)
+    check_live_teachers(existing.teachers, runner.pool.groups(), options.output)
+    differences = [
+        f"{name}: the cache has {getattr(existing, name)!r}, this collect asks {getattr(fresh, name)!r}"
+        for name in ("settings", "storage", "data", "shard_rows")
+        if getattr(existing, name) != getattr(fresh, name)
+    ]
+    if differences:
+        raise CacheError(f"{options.output} holds a cache collected differently ({'; '.join(differences)}); "
+                         "use another --output, or the same settings to resume it")
+    intact = [record for record in existing.shards if (options.output / record.file).is_file()
+              and sha256_of(options.output / record.file) == record.sha256]
+    for record in existing.shards:
+        if record not in intact:
+            print(f"{options.output / record.file}: missing or corrupted; collecting it again")
+    existing.shards = intact
+    existing.write(options.output)
+    return existing
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+# --- command line ---
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    trainer.add_arguments(parser, only=REQUEST_FIELDS)
+    for name, field in CollectOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", help=field.description)
+        elif field.is_required():
+            parser.add_argument(flag, required=True, type=Path, help=field.description)
+        else:
+            parser.add_argument(flag, type=field.annotation, default=field.default, help=f"{field.description} (default: {field.default})")
+
+
+def main(args: argparse.Namespace) -> None:
+    config = trainer.config_from_args(args, skip=("output",))  # `--output` here is the cache directory
+    options = CollectOptions(**{name: getattr(args, name) for name in CollectOptions.model_fields})
+    manifest = collect(config, options).manifest
+    print(json.dumps({"output": str(options.output), "shards": len(manifest.shards),
+                      "entries": sum(sum(s.entries.values()) for s in manifest.shards),
+                      "positions": sum(s.positions for s in manifest.shards), "bytes": sum(s.bytes for s in manifest.shards)}))
