@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +30,15 @@ from potstill.fingerprint import tokenizer_fingerprint
 from trainer_client.cache_source import RecordingSource, check_live_teachers, request_settings
 from trainer_client.cache_store import CachedTeacher, CacheError, Entry, Manifest, ShardRecord, StorageFormat, id_bits_for, sha256_of, write_shard
 from trainer_client.config import TrainConfig
-from trainer_client.data import Row, load_rows
+from trainer_client.data import Row, load_rows, stream_rows
 from trainer_client.methods import METHODS, StudentTokens, attach_teacher_distributions
 from trainer_client.pool import PoolRunner
 from trainer_client import trainer
 
 # The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
 REQUEST_FIELDS = {
-    "student", "data", "eval_data", "eval_rows", "skip_bad_rows", "method", "kd_targets", "top_k", "temperature",
+    "student", "data", "eval_data", "eval_rows", "skip_bad_rows", "prompt_column", "completion_column", "answer_column",
+    "data_split", "eval_split", "method", "kd_targets", "top_k", "temperature",
     "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed",
     "teacher_timeout", "teacher_max_wait", "api_key_file",
 }
@@ -48,6 +51,8 @@ class CollectOptions(BaseModel):
     shard_rows: int = Field(1024, ge=1, description="Data rows per shard: the unit that is redone after an interruption.")
     fp16: bool = Field(False, description="Store log-probs as float16 (half the bytes of float32; ~1e-3 relative error).")
     pack_ids: bool = Field(False, description="Store token ids in ceil(log2(vocab_size)) bits instead of 32.")
+    streaming: bool = Field(False, description="Stream --data (a hub dataset or Parquet file) instead of opening it whole: "
+                            "nothing is copied to disk; a resumed collect reads past the finished shards' rows.")
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,20 @@ class ShardPlan:
         return f"{self.part}-{self.start:010d}-{self.end:010d}.arrow"
 
 
-def plan_shards(train_rows: int, eval_rows: int, shard_rows: int) -> list[ShardPlan]:
-    """Every shard of a cache: consecutive row ranges covering each part exactly once."""
-    plans = [ShardPlan("train", start, min(start + shard_rows, train_rows)) for start in range(0, train_rows, shard_rows)]
-    return plans + [ShardPlan("eval", start, min(start + shard_rows, eval_rows)) for start in range(0, eval_rows, shard_rows)]
+def shards(part: str, rows: Sequence[Row] | Iterable[Row], shard_rows: int, done: set[str]) -> Iterator[tuple[ShardPlan, list[Row]]]:
+    """The shards of one part that are not `done`, with their rows: consecutive ranges covering the part
+    exactly once. A sequence is sliced (finished shards are never read); a stream is read through once."""
+    if isinstance(rows, Sequence):
+        chunks = ((start, rows[start : start + shard_rows]) for start in range(0, len(rows), shard_rows))
+    else:
+        iterator = iter(rows)
+        chunks = ((start, list(itertools.islice(iterator, shard_rows))) for start in itertools.count(0, shard_rows))
+    for start, chunk in chunks:
+        if not chunk:
+            return
+        plan = ShardPlan(part, start, start + len(chunk))
+        if plan.file not in done:
+            yield plan, chunk
 
 
 @dataclass
@@ -80,28 +95,28 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     vocab_size = AutoConfig.from_pretrained(config.student).vocab_size
     tokens = StudentTokens(tokenizer, config.max_seq_len)
-    parts = {"train": load_rows(config.data, config.skip_bad_rows).rows}
-    if config.eval_data and config.white_box:
-        parts["eval"] = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows]
+    if options.streaming:
+        parts: dict[str, Sequence[Row] | Iterable[Row]] = {"train": stream_rows(config.data, config.columns, config.data_split)}
+    else:
+        parts = {"train": load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split).rows}
+    if config.white_box:
+        parts["eval"] = trainer.load_eval_rows(config)
+    sizes = {part: len(rows) if isinstance(rows, Sequence) else None for part, rows in parts.items()}
     options.output.mkdir(parents=True, exist_ok=True)
     with trainer.connect_teachers(config, tokenizer, vocab_size) as runner:
-        manifest = _start_or_resume(options, runner, request_settings(config, tokenizer_fingerprint(tokenizer)), parts, config)
+        manifest = _start_or_resume(options, runner, request_settings(config, tokenizer_fingerprint(tokenizer)), sizes, config)
         done = {record.file for record in manifest.shards}
-        plans = plan_shards(len(parts["train"]), len(parts.get("eval", [])), options.shard_rows)
         with _progress_bar(progress) as bar:
-            task = bar.add_task("collect", total=sum(p.end - p.start for p in plans))
-            bar.update(task, completed=sum(p.end - p.start for p in plans if p.file in done))
+            total = None if None in sizes.values() else sum(sizes.values())
+            task = bar.add_task("collect", total=total, completed=sum(s.rows[1] - s.rows[0] for s in manifest.shards))
             try:
-                for plan in plans:
-                    if plan.file in done:
-                        continue
-                    rows = parts[plan.part][plan.start : plan.end]
+                for plan, rows in (item for part, rows in parts.items() for item in shards(part, rows, options.shard_rows, done)):
                     entries = runner.run(_answers(config, tokens, runner.pool, plan, rows, lambda n: bar.advance(task, n)))
                     manifest.shards = sorted([*manifest.shards, _write(options.output, plan, entries, manifest.storage)],
                                              key=lambda shard: (shard.part != "train", shard.rows))
                     manifest.write(options.output)
             except KeyboardInterrupt:
-                print(f"interrupted: {len(manifest.shards)} of {len(plans)} shards are kept in {options.output}; "
+                print(f"interrupted: the {len(manifest.shards)} finished shards are kept in {options.output}; "
                       "run the same command again to finish")
                 raise
         return CollectResult(manifest, runner.pool.stats())
@@ -138,15 +153,14 @@ def _write(directory: Path, plan: ShardPlan, entries: list[Entry], storage: Stor
                        positions=positions, bytes=size, sha256=digest)
 
 
-def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict, parts: dict, config: TrainConfig) -> Manifest:
+def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict, sizes: dict, config: TrainConfig) -> Manifest:
     """A new manifest, or the existing one if it was made the same way; shards that fail their checksum are dropped (redone)."""
     teachers = [CachedTeacher(name=g.name, tags=g.tags, weight=g.weight, info=g.info) for g in runner.pool.groups()]
     id_bits = id_bits_for(max(t.info.vocab_size for t in teachers)) if options.pack_ids else 32
     fresh = Manifest(
         teachers=teachers, settings=settings,
         storage=StorageFormat(values="float16" if options.fp16 else "float32", id_bits=id_bits),
-        data={"train": {"source": config.data, "rows": len(parts["train"])},
-              **({"eval": {"source": config.eval_data, "rows": len(parts["eval"])}} if "eval" in parts else {})},
+        data={part: {"source": config.data if part == "train" else config.eval_data, "rows": size} for part, size in sizes.items()},
         shard_rows=options.shard_rows,
     )
     if not (options.output / "manifest.json").exists():

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainer_client.data import Columns
+
 Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 Route = Literal["mixture", "tags", "verified", "confidence", "lowest-ce", "gate"]
@@ -30,8 +32,14 @@ class TrainConfig(BaseModel):
         description="Teacher endpoints: grpc://, grpcs://, http(s)://, openai+http(s)://...; "
         "append '#name=N&tags=a,b&weight=W' to name, tag or weight one.",
     )
-    data: str = Field(description="Training rows: a JSONL file with 'prompt', optional 'completion' and 'answer'.")
-    eval_data: str | None = Field(None, description="Held-out rows (JSONL); defaults to none (no evaluation).")
+    data: str = Field(description="Training rows with a prompt, optional completion and answer: a JSONL file, a Parquet "
+                      "file, a directory saved by datasets' save_to_disk, or a hub dataset name.")
+    eval_data: str | None = Field(None, description="Held-out rows (same forms as data); defaults to none (no evaluation).")
+    prompt_column: str = Field("prompt", description="Column of a Parquet / datasets source holding the prompt.")
+    completion_column: str = Field("completion", description="Column holding the reference completion (optional in the data).")
+    answer_column: str = Field("answer", description="Column holding the verifiable answer (optional in the data).")
+    data_split: str = Field("train", description="Split of a hub dataset or saved DatasetDict used for training.")
+    eval_split: str = Field("test", description="Split of a hub dataset or saved DatasetDict used for evaluation.")
     output: str = Field("runs/potstill", description="Run directory: metrics.jsonl, checkpoints/, final/, report.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in the output directory.")
     skip_bad_rows: bool = Field(False, description="Skip malformed data rows (counted) instead of failing.")
@@ -164,6 +172,10 @@ class TrainConfig(BaseModel):
     def live_teachers(self) -> bool:
         """Whether the run talks to the --teacher endpoints (with a cache, only for its misses)."""
         return bool(self.teachers) and (not self.teacher_cache or self.cache_miss == "live")
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(prompt=self.prompt_column, completion=self.completion_column, answer=self.answer_column)
 
     @property
     def white_box(self) -> bool:

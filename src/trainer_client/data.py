@@ -1,19 +1,36 @@
-"""Training data: JSONL rows with `prompt`, optional `completion`, `answer`, `task` and `tags`.
+"""Training data: rows with a `prompt`, optional `completion`, `answer`, `task` and `tags`.
 
-A malformed row is an error naming its file and line, or, when asked, skipped and counted.
-The order of rows in a run is a pure function of (seed, epoch), so a step number alone says
-which rows it trains on: that is what makes `--resume` exact.
+`--data` (and `--eval-data`) takes:
+- a JSONL file (`.jsonl` / `.json`): one object per line;
+- a Parquet file (`.parquet`), read through Hugging Face `datasets` into its Arrow cache;
+- a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict and a split);
+- a hub dataset name (`org/name`), or a directory of data files laid out like a hub dataset
+  repository, loaded with `datasets.load_dataset` and a split.
+
+Arrow-backed data (everything but JSONL) is memory-mapped: rows are read when a step needs
+them, so data larger than memory trains without loading it. `stream_rows` reads a hub dataset
+or a Parquet file as a stream, with no local copy at all (`potstill collect --streaming`).
+Column-mapping settings say which columns hold the prompt, completion and answer.
+
+A malformed row is an error naming its file and line (or row index), or, when asked, skipped
+and counted. The order of rows in a run is a pure function of (seed, epoch), so a step number
+alone says which rows it trains on: that is what makes `--resume` exact.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ARROW_BATCH_ROWS = 4096  # rows checked at a time when a dataset is opened
 
 
 class Row(BaseModel):
@@ -37,18 +54,137 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which dataset columns hold each `Row` field (JSONL rows use the field names themselves)."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    answer: str = "answer"
+
+    def row(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record's fields under `Row`'s names; other columns (task, tags, metadata) pass through."""
+        mapped = {field: record.get(column) for field, column in (("prompt", self.prompt), ("completion", self.completion), ("answer", self.answer))}
+        return {**{name: value for name, value in record.items() if name not in (self.prompt, self.completion, self.answer)}, **mapped}
+
+
+@dataclass(frozen=True)
 class Dataset:
-    rows: list[Row]
+    rows: Sequence[Row]
     skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def load_rows(path: str | Path, skip_bad_rows: bool = False) -> Dataset:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+class ArrowRows(Sequence):
+    """The rows of a Hugging Face `datasets.Dataset`, read from its memory-mapped Arrow files on access."""
+
+    def __init__(self, dataset, columns: Columns):
+        self.dataset = dataset
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return Row.model_validate(self.columns.row(self.dataset[index]))
+
+
+def load_rows(source: str | Path, skip_bad_rows: bool = False, columns: Columns = Columns(), split: str = "train") -> Dataset:
+    """The rows of a JSONL file, a Parquet file, a saved `datasets` dataset or a hub dataset (see the module docstring)."""
+    path = Path(source)
+    if path.is_file() and path.suffix != ".parquet":
+        return _load_jsonl(path, skip_bad_rows)
+    return _load_arrow(str(source), _open_dataset(str(source), split), columns, skip_bad_rows)
+
+
+def _open_dataset(source: str, split: str):
+    import datasets  # imported on use: a JSONL run does not pay for it
+
+    path = Path(source)
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if path.is_dir() and any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(path))
+        return _split(loaded, split, source) if isinstance(loaded, datasets.DatasetDict) else loaded
+    if not path.is_dir() and _looks_like_a_path(source):
+        raise DataError(f"{source}: no such data file (JSONL, Parquet) or dataset directory")
+    # A hub name, or a directory of data files laid out like a hub repository: one loader for both.
+    try:
+        return datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise DataError(f"{source}: could not load split {split!r} with datasets.load_dataset: {error}") from None
+
+
+def _looks_like_a_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in (".jsonl", ".json", ".parquet") or source.count("/") > 1
+
+
+def _split(dataset_dict, split: str, source: str):
+    if split not in dataset_dict:
+        raise DataError(f"{source}: no split {split!r} (splits: {', '.join(dataset_dict)}); choose one with the split setting")
+    return dataset_dict[split]
+
+
+def _load_arrow(source: str, dataset, columns: Columns, skip_bad_rows: bool) -> Dataset:
+    """Check every row once (a batch of columns at a time, without building rows), then read rows on access."""
+    if columns.prompt not in dataset.column_names:
+        raise DataError(f"{source}: no column {columns.prompt!r} for the prompt (columns: {', '.join(dataset.column_names)}); "
+                        "name the right one with --prompt-column")
+    checked = (columns.prompt, columns.completion, columns.answer, "task", "tags")
+    present = [column for column in checked if column in dataset.column_names]
+    bad: list[int] = []
+    for start, batch in zip(itertools.count(0, ARROW_BATCH_ROWS), dataset.select_columns(present).iter(batch_size=ARROW_BATCH_ROWS)):
+        for offset, record in enumerate(_records(batch)):
+            problem = _problem(columns.row(record))
+            if problem is None:
+                continue
+            if not skip_bad_rows:
+                raise DataError(f"{source}: row {start + offset}: malformed row: {problem}")
+            bad.append(start + offset)
+    if bad:
+        bad_set = set(bad)
+        dataset = dataset.select([index for index in range(len(dataset)) if index not in bad_set])
+    if len(dataset) == 0:
+        raise DataError(f"{source}: no usable rows")
+    return Dataset(rows=ArrowRows(dataset, columns), skipped=len(bad))
+
+
+def _records(batch: dict[str, list]) -> Iterator[dict[str, Any]]:
+    names = list(batch)
+    return (dict(zip(names, values)) for values in zip(*(batch[name] for name in names)))
+
+
+def _problem(record: dict[str, Any]) -> str | None:
+    try:
+        Row.model_validate(record)
+    except ValidationError as error:
+        return _first_problem(error)
+    return None
+
+
+def stream_rows(source: str, columns: Columns = Columns(), split: str = "train") -> Iterator[Row]:
+    """The rows of a hub dataset or a Parquet file, streamed (nothing is copied to disk); a malformed row is an error."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file() and path.suffix != ".parquet":
+        yield from _load_jsonl(path, skip_bad_rows=False).rows
+        return
+    if path.is_file() and path.suffix == ".parquet":
+        stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    else:
+        stream = datasets.load_dataset(source, split=split, streaming=True)
+    for index, record in enumerate(stream):
+        problem = _problem(columns.row(record))
+        if problem is not None:
+            raise DataError(f"{source}: row {index}: malformed row: {problem}")
+        yield Row.model_validate(columns.row(record))
+
+
+def _load_jsonl(path: Path, skip_bad_rows: bool) -> Dataset:
     rows, skipped = [], 0
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):

@@ -70,8 +70,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         set_seed(config.seed)
         tokenizer, model = load_student(config.student)
         tokens = StudentTokens(tokenizer, config.max_seq_len)
-        data = load_rows(config.data, config.skip_bad_rows)
-        eval_rows = load_rows(config.eval_data, config.skip_bad_rows).rows[: config.eval_rows] if config.eval_data else []
+        data = load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split)
+        eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
         student = StudentView(model, tokens)
@@ -157,6 +157,13 @@ def _stop_at_step_boundary():
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def load_eval_rows(config: TrainConfig) -> list:
+    """The first `eval_rows` held-out rows (none without --eval-data)."""
+    if not config.eval_data:
+        return []
+    return load_rows(config.eval_data, config.skip_bad_rows, config.columns, config.eval_split).rows[: config.eval_rows]
 
 
 def load_student(name: str):

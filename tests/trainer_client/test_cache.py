@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from potstill.cli import main as cli_main
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from teacher_service.serve import BackgroundTeacher, ServeOptions
 from trainer_client import collect as collect_module
 from trainer_client.cache_source import CacheMiss, TeacherCache
 from trainer_client.cache_store import CacheError, Manifest, pack_ids, unpack_ids
-from trainer_client.collect import CollectOptions, collect, plan_shards
+from trainer_client.collect import CollectOptions, collect
 from trainer_client.config import TrainConfig
 from trainer_client.trainer import train
 
@@ -141,7 +144,7 @@ def test_an_interrupted_collect_resumes_without_duplicates_or_gaps(models, data,
     monkeypatch.setattr(collect_module, "_write", real_write)
     collect(config, options, progress=False)
     resumed = Manifest.read(options.output)
-    assert [s.rows for s in resumed.shards] == [(p.start, p.end) for p in plan_shards(40, 0, 8)]
+    assert [s.rows for s in resumed.shards] == [(start, start + 8) for start in range(0, 40, 8)]
     # The same shards, byte for byte in content, as one uninterrupted collect.
     clean = collect(config, CollectOptions(output=tmp_path / "clean", shard_rows=8), progress=False).manifest
     assert [(s.rows, s.entries, s.positions) for s in resumed.shards] == [(s.rows, s.entries, s.positions) for s in clean.shards]
@@ -179,3 +182,18 @@ def test_packed_ids_round_trip(bits):
     packed = pack_ids(ids, bits)
     assert len(packed) == -(-15 * bits // 8)
     assert np.array_equal(unpack_ids(packed, bits, 15).reshape(5, 3), ids)
+
+
+def test_the_commands_collect_a_streamed_parquet_file_and_train_from_it(models, replicas, tmp_path, capsys):
+    records = [{"question": row["prompt"], "response": row["completion"]} for row in make_rows(24, seed=7)]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "rows.parquet")
+    shared = ["--student", models["student"], "--data", str(tmp_path / "rows.parquet"), "--prompt-column", "question",
+              "--completion-column", "response", "--top-k", "5", "--batch-size", "4"]
+    cli_main(["collect", *shared, "--teacher", replicas[0], "--output", str(tmp_path / "cache"), "--streaming", "--shard-rows", "10"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shards"] == 3 and summary["entries"] == len({r["question"] for r in records})
+    assert [s.rows for s in Manifest.read(tmp_path / "cache").shards] == [(0, 10), (10, 20), (20, 24)]
+    cli_main(["train", *shared, "--teacher-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "run"), "--steps", "3",
+              "--log-every", "1"])
+    traffic = json.loads((tmp_path / "run" / "teacher_traffic.json").read_text())
+    assert traffic["cache:teacher"] == {"group": "teacher", "cache_hits": 12, "cache_misses": 0}
