@@ -39,8 +39,8 @@ MANIFEST = "manifest.json"
 
 SCHEMA = pa.schema(
     [
-        ("teacher", pa.string()),
-        ("kind", pa.string()),
+        ("teacher", pa.dictionary(pa.int16(), pa.string())),  # a few distinct values: stored once per shard
+        ("kind", pa.dictionary(pa.int8(), pa.string())),
         ("key", pa.binary(16)),
         ("sample", pa.int32()),
         ("prompt_tokens", pa.int32()),

@@ -1,0 +1,162 @@
+"""Training from a teacher cache vs from a live teacher; cache size; collect vs plain scoring.
+
+    python bench/teacher_cache.py [--rows 2048] [--steps 40] [--prefetch 4]
+
+The demo's setup, with models of the toy world's sizes built on the spot (random weights: speed
+does not depend on them): two `potstill serve` processes of a 2-layer 128-wide teacher, one
+thread each, and a 2-layer 96-wide student trained with batches of 128. In one run:
+1. collect: `potstill collect` of logit-kd top-20 scores over every row, timed, against the same
+   requests sent through the same pool with nothing recorded or written (plain scoring);
+2. the cache's size per 1,000 token positions, stored as float32 / float16 values and 32-bit /
+   packed ids (the collected shards, re-encoded in each format), for the toy's short answers
+   and for 64-token completions;
+3. training: the same logit-kd run with the live teachers (prefetch on) and from the cache:
+   steps per second and the share of step time spent waiting on the teachers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from potstill.toy.arithmetic import make_rows, write_jsonl
+from potstill.toy.models import build_tiny_model
+from teacher_service.serve import TeacherProcess
+from trainer_client.cache_source import TeacherCache
+from trainer_client.cache_store import Entry, StorageFormat, id_bits_for, write_shard
+from trainer_client.collect import CollectOptions, collect
+from trainer_client.config import TrainConfig
+from trainer_client.data import load_rows
+from trainer_client.methods import METHODS, StudentTokens
+from trainer_client.trainer import connect_teachers, load_student, train
+
+SHARD_ROWS = 256
+BATCH_SIZE = 128  # the demo's
+TEACHER = {"hidden_size": 128, "layers": 2, "heads": 4}  # the toy world's teacher and student sizes
+STUDENT = {"hidden_size": 96, "layers": 2, "heads": 4}
+
+
+def plain_scoring_seconds(config: TrainConfig) -> float:
+    """The collect's requests (same batches, same shards, all of a shard's batches at once) with nothing kept."""
+    tokenizer, model = load_student(config.student)
+    tokens = StudentTokens(tokenizer, config.max_seq_len)
+    rows = load_rows(config.data).rows
+    with connect_teachers(config, tokenizer, model.get_output_embeddings().weight.shape[0]) as runner:
+        method = METHODS[config.method](config, tokens, runner.pool)
+        started = time.perf_counter()
+        for shard in range(0, len(rows), SHARD_ROWS):
+            batches = range(shard, min(shard + SHARD_ROWS, len(rows)), config.batch_size)
+            runner.run(_gather(method.prepare(rows[start : start + config.batch_size], start // config.batch_size) for start in batches))
+        return time.perf_counter() - started
+
+
+async def _gather(coroutines):
+    return await asyncio.gather(*coroutines)
+
+
+def long_completions(rows: list[dict], tokens: int = 64) -> list[dict]:
+    """Rows whose completion is a run of following problems and answers, about `tokens` tokens long."""
+    chained = []
+    for index, row in enumerate(rows):
+        following = rows[index + 1 :] + rows[: index + 1]
+        text = " ".join(other["prompt"] + other["completion"] for other in following[: tokens // 7])
+        chained.append({"prompt": row["prompt"], "completion": row["completion"] + " " + text})
+    return chained
+
+
+def bytes_per_1k_positions(cache: TeacherCache, storage: StorageFormat, scratch: Path) -> float:
+    """The cache's shards written again in `storage`: file bytes per 1,000 stored positions."""
+    entries = []
+    for shard in cache.shards:
+        for teacher, kind, key, sample, row in shard.keys():
+            distributions, prompt_tokens = shard.distribution(row)
+            entries.append(Entry(teacher, kind, key, sample, prompt_tokens, distributions))
+    scratch.mkdir(parents=True, exist_ok=True)
+    size = positions = 0
+    for start in range(0, len(entries), SHARD_ROWS):
+        _, shard_positions, shard_bytes, _ = write_shard(scratch, f"shard-{start}.arrow", entries[start : start + SHARD_ROWS], storage)
+        size, positions = size + shard_bytes, positions + shard_positions
+    return 1000 * size / positions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prefetch", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    console = Console()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        teacher = build_tiny_model(root / "teacher", **TEACHER)
+        student = build_tiny_model(root / "student", seed=1, **STUDENT)
+        rows = make_rows(args.rows, seed=0)
+        data = write_jsonl(rows, root / "train.jsonl")
+        long_data = write_jsonl(long_completions(rows[:SHARD_ROWS]), root / "long.jsonl")
+        with TeacherProcess(str(teacher), threads=1) as first, TeacherProcess(str(teacher), threads=1) as second:
+            config = TrainConfig(
+                student=str(student), teachers=[first.grpc_url, second.grpc_url], data=str(data), output=str(root / "live"),
+                method="logit-kd", steps=args.steps, batch_size=BATCH_SIZE, prefetch=args.prefetch, save_every=10**9, top_k=20,
+            )
+            plain = plain_scoring_seconds(config)
+            started = time.perf_counter()
+            manifest = collect(config, CollectOptions(output=root / "cache", shard_rows=SHARD_ROWS), progress=False).manifest
+            collected = time.perf_counter() - started
+            collect(config.model_copy(update={"data": str(long_data)}), CollectOptions(output=root / "long", shard_rows=SHARD_ROWS), progress=False)
+            live = _timed_train(config)
+        cached = _timed_train(config.model_copy(update={"teachers": [], "teacher_cache": str(root / "cache"), "output": str(root / "cached")}))
+        vocab = manifest.teachers[0].info.vocab_size
+        sizes = {
+            (name, values, bits): bytes_per_1k_positions(TeacherCache(root / name), StorageFormat(values=values, id_bits=bits),
+                                                         root / f"size-{name}-{values}-{bits}")
+            for name in ("cache", "long") for values in ("float32", "float16") for bits in (32, id_bits_for(vocab))
+        }
+        per_sequence = {name: _positions_per_sequence(TeacherCache(root / name)) for name in ("cache", "long")}
+
+    positions = sum(shard.positions for shard in manifest.shards)
+    table = Table(title=f"collect: {args.rows} rows, {positions} positions, logit-kd top-20, batch {BATCH_SIZE}, two teachers over gRPC")
+    for column in ("", "seconds", "rows/s", "vs plain scoring"):
+        table.add_column(column, justify="right")
+    table.add_row("plain scoring (nothing kept)", f"{plain:.2f}", f"{args.rows / plain:.0f}", "1.00x")
+    table.add_row("potstill collect (recorded, written)", f"{collected:.2f}", f"{args.rows / collected:.0f}", f"{plain / collected:.2f}x")
+    console.print(table)
+
+    table = Table(title=f"cache size at k = 20 (vocabulary {vocab}: packed ids take {id_bits_for(vocab)} bits)")
+    for column in ("completions", "values", "ids", "bytes per 1k positions", "bytes per position", "vs float32 + int32"):
+        table.add_column(column, justify="right")
+    for (name, values, bits), size in sizes.items():
+        label = f"{'toy answers' if name == 'cache' else 'long'}, {per_sequence[name]:.1f} positions each"
+        table.add_row(label, values, f"{bits} bits", f"{size:,.0f}", f"{size / 1000:.1f}", f"{size / sizes[(name, 'float32', 32)]:.2f}")
+    console.print(table)
+
+    table = Table(title=f"logit-kd training, {args.steps} steps of batch {BATCH_SIZE}, prefetch {args.prefetch}")
+    for column in ("teacher answers from", "steps/s", "waiting on teacher (share of step time)", "speed vs cache"):
+        table.add_column(column, justify="right")
+    for name, (rate, wait) in (("cache", cached), ("two live teachers", live)):
+        table.add_row(name, f"{rate:.2f}", f"{wait:.1%}", f"{rate / cached[0]:.2f}")
+    console.print(table)
+
+
+def _positions_per_sequence(cache: TeacherCache) -> float:
+    shards = cache.manifest.shards
+    return sum(s.positions for s in shards) / sum(sum(s.entries.values()) for s in shards)
+
+
+def _timed_train(config: TrainConfig) -> tuple[float, float]:
+    """(steps per second of the training loop, from each step's logged time; share of step time waiting on the teacher)."""
+    result = train(config.model_copy(update={"log_every": 1}), progress=False)
+    steps = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    return len(steps) / sum(step["step_s"] for step in steps), result.teacher_wait_fraction
+
+
+if __name__ == "__main__":
+    main()
