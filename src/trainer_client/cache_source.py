@@ -172,12 +172,14 @@ def request_settings(config: TrainConfig, student_fingerprint: str) -> dict[str,
 
     Loss settings (divergence, tail, beta, ce_weight) and optimisation are not among them: a
     cache serves any sweep over those."""
-    settings: dict[str, Any] = {"method": config.method, "student_tokenizer": student_fingerprint}
+    settings: dict[str, Any] = {"method": config.method, "student_tokenizer": student_fingerprint, "route": config.route}
     if config.method == "logit-kd":
         settings.update(kd_targets=config.kd_targets, top_k=config.top_k, temperature=config.temperature, max_seq_len=config.max_seq_len)
-    if config.method == "seq-kd" or (config.method == "logit-kd" and config.kd_targets == "teacher"):
+    if config.method in ("seq-kd", "multi-sample") or (config.method == "logit-kd" and config.kd_targets == "teacher"):
         settings.update(samples_per_prompt=config.samples_per_prompt, sample_temperature=config.sample_temperature,
                         max_new_tokens=config.max_new_tokens)
+    if config.select == "judge":
+        settings.update(judge_rubrics=config.judge_rubrics, judge_yes=config.judge_yes, judge_no=config.judge_no)
     return settings
 
 

@@ -31,15 +31,16 @@ from trainer_client.cache_source import RecordingSource, check_live_teachers, re
 from trainer_client.cache_store import CachedTeacher, CacheError, Entry, Manifest, ShardRecord, StorageFormat, id_bits_for, sha256_of, write_shard
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row, load_rows, stream_rows
-from trainer_client.methods import METHODS, StudentTokens, attach_teacher_distributions
 from trainer_client.pool import PoolRunner
+from trainer_client.samples import StudentTokens
 from trainer_client import trainer
 
 # The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
 REQUEST_FIELDS = {
     "student", "data", "eval_data", "eval_rows", "skip_bad_rows", "prompt_column", "completion_column", "answer_column",
     "data_split", "eval_split", "method", "kd_targets", "top_k", "temperature",
-    "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed",
+    "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed", "route", "select",
+    "judge_yes", "judge_no", "verifier",
     "teacher_timeout", "teacher_max_wait", "api_key_file",
 }
 
@@ -92,6 +93,9 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
     """Fill `options.output` with the teachers' answers for every row."""
     if config.method == "sft":
         raise ValueError("method 'sft' asks no teacher: there is nothing to collect")
+    if trainer.METHODS[config.method].uses_student:
+        raise ValueError(f"method {config.method!r} asks teachers about the student's own samples, which change as it "
+                         "learns: its teacher answers cannot be collected ahead")
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     vocab_size = AutoConfig.from_pretrained(config.student).vocab_size
     tokens = StudentTokens(tokenizer, config.max_seq_len)
@@ -125,15 +129,15 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
 async def _answers(config: TrainConfig, tokens: StudentTokens, pool, plan: ShardPlan, rows: list[Row], advance) -> list[Entry]:
     """The teachers' answers for one shard's rows: its batches go out at once, recorded as they come back."""
     recorder = RecordingSource(pool)
+    method = trainer.METHODS[config.method](config, tokens, recorder)
     if plan.part == "eval":
-        await attach_teacher_distributions(recorder, trainer.held_out_examples(rows, tokens), config.top_k, temperature=1.0)
+        await trainer.annotate_held_out(method, method.reference_groups([row for row in rows if row.completion is not None]))
         advance(len(rows))
     else:
-        method = METHODS[config.method](config, tokens, recorder)
 
         async def batch(start: int) -> None:
             chunk = rows[start : start + config.batch_size]
-            await method.prepare(chunk, (plan.start + start) // config.batch_size)
+            await method.annotate(chunk, None, (plan.start + start) // config.batch_size)
             advance(len(chunk))
 
         await asyncio.gather(*(batch(start) for start in range(0, len(rows), config.batch_size)))
