@@ -29,7 +29,7 @@ from rich.table import Table
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
-from teacher_service.serve import TeacherProcess
+from teacher_service.testing import TeacherProcess
 from trainer_client.cache_source import TeacherCache
 from trainer_client.cache_store import Entry, StorageFormat, id_bits_for, write_shard
 from trainer_client.collect import CollectOptions, collect

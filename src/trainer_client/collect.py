@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import AutoConfig, AutoTokenizer
 
 from potstill.fingerprint import tokenizer_fingerprint
+from potstill.flags import add_schema_arguments, settings_values
 from trainer_client.cache_source import RecordingSource, check_live_teachers, request_settings
 from trainer_client.cache_store import CachedTeacher, CacheError, Entry, Manifest, ShardRecord, StorageFormat, id_bits_for, sha256_of, write_shard
 from trainer_client.config import TrainConfig
@@ -202,19 +203,13 @@ def _progress_bar(enabled: bool) -> Progress:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     trainer.add_arguments(parser, only=REQUEST_FIELDS)
-    for name, field in CollectOptions.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", help=field.description)
-        elif field.is_required():
-            parser.add_argument(flag, required=True, type=Path, help=field.description)
-        else:
-            parser.add_argument(flag, type=field.annotation, default=field.default, help=f"{field.description} (default: {field.default})")
+    parser.add_argument("--output", type=Path, required=True, help=CollectOptions.model_fields["output"].description)
+    add_schema_arguments(parser, CollectOptions, skip={"output"})
 
 
 def main(args: argparse.Namespace) -> None:
     config = trainer.config_from_args(args, skip=("output",))  # `--output` here is the cache directory
-    options = CollectOptions(**{name: getattr(args, name) for name in CollectOptions.model_fields})
+    options = CollectOptions(**settings_values(args, CollectOptions))
     manifest = collect(config, options).manifest
     print(json.dumps({"output": str(options.output), "shards": len(manifest.shards),
                       "entries": sum(sum(s.entries.values()) for s in manifest.shards),

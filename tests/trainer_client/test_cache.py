@@ -12,7 +12,8 @@ import pytest
 from potstill.cli import main as cli_main
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
-from teacher_service.serve import BackgroundTeacher, ServeOptions
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client import collect as collect_module
 from trainer_client.cache_source import CacheMiss, TeacherCache
 from trainer_client.cache_store import CacheError, Manifest, pack_ids, unpack_ids
