@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
@@ -18,14 +18,13 @@ from teacher_service.http_server import DEFAULT_MAX_BODY_BYTES
 from teacher_service.protocol import Limits
 
 ENV_PREFIX = "POTSTILL_"
-BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # the registered backends
 
 
 class ServeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Path or hub id of a causal language model.")
-    backend: BackendName = Field("hf", description="What computes the answers.")
+    backend: str = Field("hf", description=f"What computes the answers: one of {', '.join(BACKENDS)}.")
     host: str = Field("127.0.0.1", description="Address both servers listen on (0.0.0.0 in a container).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -47,6 +46,14 @@ class ServeOptions(BaseModel):
         "so load balancers stop sending before the servers stop listening.",
     )
     metrics_need_api_key: bool = Field(False, description="Ask for the API key on /metrics too (by default Prometheus scrapes it freely).")
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # Checked when options are made, not at import, so backends registered later count too.
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+        return name
 
     def with_api_key(self) -> ServeOptions:
         """These options with `api_key` read from `api_key_file` (when one is set)."""
