@@ -66,7 +66,12 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         # --- build ---
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
-        accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+        # cpu=True on a machine without CUDA: under torchrun, Accelerate then joins the processes over
+        # gloo; without it each process would train alone and all of them would write the same run.
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
+        )
         set_seed(config.seed)
         tokenizer, model = load_student(config.student)
         tokens = StudentTokens(tokenizer, config.max_seq_len)
@@ -76,7 +81,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
         student = StudentView(model, tokens)
         if runner:
-            cleanup.callback(lambda: (output / "teacher_traffic.json").write_text(json.dumps(runner.pool.stats(), indent=2)))
+            traffic = output / ("teacher_traffic.json" if accelerator.is_main_process else f"teacher_traffic.rank{accelerator.process_index}.json")
+            cleanup.callback(lambda: traffic.write_text(json.dumps(runner.pool.stats(), indent=2)))
         method = METHODS[config.method](config, tokens, runner.pool if runner else None)
         evaluator = build_evaluator(config, eval_rows, tokens, runner, method) if eval_rows else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -84,7 +90,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(scheduler)
         start_step = resume_from_checkpoint(accelerator, output) if config.resume else 0
-        metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None)
+        metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
+                             writer=accelerator.is_main_process)
         if accelerator.is_main_process:
             (output / "config.json").write_text(config.model_dump_json(indent=2))
             if data.skipped:
@@ -357,16 +364,20 @@ def save_final(accelerator, model, tokenizer, output: Path) -> None:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with its `step`. On resume, lines past the
-    checkpoint (written by the interrupted run after it) are dropped so no step appears twice."""
+    checkpoint (written by the interrupted run after it) are dropped so no step appears twice.
+    Only the `writer` process (the main one of a distributed run) touches the file."""
 
-    def __init__(self, path: Path, keep_through_step: int | None):
+    def __init__(self, path: Path, keep_through_step: int | None, writer: bool = True):
         self.path = path
-        if path.exists():
+        self.writer = writer
+        if writer and path.exists():
             lines = path.read_text().splitlines() if keep_through_step is not None else []
             kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as log:
             log.write(json.dumps(record) + "\n")

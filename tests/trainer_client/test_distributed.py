@@ -1,0 +1,57 @@
+"""Data-parallel training: two processes joined over gloo (torchrun on CPU), each fetching its own
+share of the batch and of the teachers' answers, end with the weights of one process training on
+the doubled batch; the run's metrics and final model are written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from potstill.toy.arithmetic import make_rows, write_jsonl
+from potstill.toy.models import build_tiny_model
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+STEPS = 6
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="needs torchrun")
+
+
+def run_training(tmp_path: Path, name: str, processes: int, batch_size: int, student: str, data: str, teacher: str) -> Path:
+    output = tmp_path / name
+    arguments = ["-m", "potstill.cli", "train", "--student", student, "--data", data, "--teacher", teacher,
+                 "--method", "logit-kd", "--top-k", "8", "--steps", str(STEPS), "--batch-size", str(batch_size),
+                 "--lr", "3e-3", "--warmup-steps", "1", "--log-every", "1", "--save-every", "3", "--output", str(output)]
+    launcher = [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    subprocess.run(launcher + arguments, check=True, timeout=600, env=environment, capture_output=True, text=True)
+    return output
+
+
+def test_two_gloo_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    student = str(build_tiny_model(tmp_path / "student", seed=2, hidden_size=48))
+    teacher_dir = build_tiny_model(tmp_path / "teacher", seed=1, initializer_range=0.3)
+    data = str(write_jsonl(make_rows(200, seed=0), tmp_path / "train.jsonl"))
+    with BackgroundTeacher(ServeOptions(model=str(teacher_dir), http_port=0, grpc_port=0)) as teacher:
+        parallel = run_training(tmp_path, "two-processes", 2, 4, student, data, teacher.grpc_url)
+        single = run_training(tmp_path, "one-process", 1, 8, student, data, teacher.grpc_url)
+
+    two, one = load_file(parallel / "final" / "model.safetensors"), load_file(single / "final" / "model.safetensors")
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    steps = [json.loads(line)["step"] for line in (parallel / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # written by one process, each step once
+    # Each rank asked the teacher for its own half of every step's rows.
+    rank_traffic = [json.loads(path.read_text()) for path in sorted(parallel.glob("teacher_traffic*.json"))]
+    assert len(rank_traffic) == 2
+    assert all(sum(endpoint["requests"] for endpoint in traffic.values()) >= STEPS for traffic in rank_traffic)
