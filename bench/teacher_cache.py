@@ -131,18 +131,18 @@ def main() -> None:
     console.print(table)
 
     table = Table(title=f"cache size at k = 20 (vocabulary {vocab}: packed ids take {id_bits_for(vocab)} bits)")
-    for column in ("completions", "values", "ids", "bytes per 1k positions", "bytes per position", "vs float32 + int32"):
+    for column in ("completions", "positions per sequence", "values", "ids", "bytes per 1k positions", "vs float32 + int32"):
         table.add_column(column, justify="right")
     for (name, values, bits), size in sizes.items():
-        label = f"{'toy answers' if name == 'cache' else 'long'}, {per_sequence[name]:.1f} positions each"
-        table.add_row(label, values, f"{bits} bits", f"{size:,.0f}", f"{size / 1000:.1f}", f"{size / sizes[(name, 'float32', 32)]:.2f}")
+        label = "toy answers" if name == "cache" else "chained problems"
+        table.add_row(label, f"{per_sequence[name]:.1f}", values, f"{bits} bits", f"{size:,.0f}", f"{size / sizes[(name, 'float32', 32)]:.2f}")
     console.print(table)
 
     table = Table(title=f"logit-kd training, {args.steps} steps of batch {BATCH_SIZE}, prefetch {args.prefetch}")
-    for column in ("teacher answers from", "steps/s", "waiting on teacher (share of step time)", "speed vs cache"):
+    for column in ("teacher answers from", "steps/s", "waiting on teacher (share of step time)", "step ms not waiting", "speed vs cache"):
         table.add_column(column, justify="right")
-    for name, (rate, wait) in (("cache", cached), ("two live teachers", live)):
-        table.add_row(name, f"{rate:.2f}", f"{wait:.1%}", f"{rate / cached[0]:.2f}")
+    for name, (rate, wait, working) in (("cache", cached), ("two live teachers", live)):
+        table.add_row(name, f"{rate:.2f}", f"{wait:.1%}", f"{working:.0f}", f"{rate / cached[0]:.2f}")
     console.print(table)
 
 
@@ -151,11 +151,13 @@ def _positions_per_sequence(cache: TeacherCache) -> float:
     return sum(s.positions for s in shards) / sum(sum(s.entries.values()) for s in shards)
 
 
-def _timed_train(config: TrainConfig) -> tuple[float, float]:
-    """(steps per second of the training loop, from each step's logged time; share of step time waiting on the teacher)."""
+def _timed_train(config: TrainConfig) -> tuple[float, float, float]:
+    """From each step's logged time: steps per second, the share of step time waiting on the teacher, and
+    the mean milliseconds of a step spent not waiting (the student's own work, slowed by whatever shares its cores)."""
     result = train(config.model_copy(update={"log_every": 1}), progress=False)
     steps = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
-    return len(steps) / sum(step["step_s"] for step in steps), result.teacher_wait_fraction
+    working = sum(step["step_s"] - step["teacher_wait_s"] for step in steps) / len(steps)
+    return len(steps) / sum(step["step_s"] for step in steps), result.teacher_wait_fraction, 1000 * working
 
 
 if __name__ == "__main__":
