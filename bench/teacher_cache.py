@@ -35,8 +35,8 @@ from trainer_client.cache_store import Entry, StorageFormat, id_bits_for, write_
 from trainer_client.collect import CollectOptions, collect
 from trainer_client.config import TrainConfig
 from trainer_client.data import load_rows
-from trainer_client.methods import METHODS, StudentTokens
-from trainer_client.trainer import connect_teachers, load_student, train
+from trainer_client.samples import StudentTokens
+from trainer_client.trainer import METHODS, connect_teachers, load_student, train
 
 SHARD_ROWS = 256
 BATCH_SIZE = 128  # the demo's
@@ -54,7 +54,7 @@ def plain_scoring_seconds(config: TrainConfig) -> float:
         started = time.perf_counter()
         for shard in range(0, len(rows), SHARD_ROWS):
             batches = range(shard, min(shard + SHARD_ROWS, len(rows)), config.batch_size)
-            runner.run(_gather(method.prepare(rows[start : start + config.batch_size], start // config.batch_size) for start in batches))
+            runner.run(_gather(method.annotate(rows[start : start + config.batch_size], None, start // config.batch_size) for start in batches))
         return time.perf_counter() - started
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 from teacher_service.protocol import GenerateResponse, GenerateResult, ScoreResponse
 from trainer_client.cache_store import (
+    MANIFEST,
     CachedTeacher,
     CacheError,
     Entry,
     Manifest,
     ShardReader,
+    StorageFormat,
     generate_key,
     score_key,
     sha256_of,
@@ -163,6 +165,9 @@ class RecordingSource:
     def stats(self) -> dict[str, dict[str, Any]]:
         return self.inner.stats()
 
+    async def close(self) -> None:
+        await self.inner.close()
+
 
 # --- does a cache fit a run? ---
 
@@ -199,6 +204,44 @@ def check_cache(manifest: Manifest, settings: dict[str, Any], student_vocab_size
                 differences.append(f"teacher {teacher.name!r} vocab_size {teacher.info.vocab_size} differs from the student's {student_vocab_size}")
     if differences:
         raise CacheError(f"teacher cache {where} does not fit this run: " + "; ".join(differences))
+
+
+def open_for_writing(directory: Path, fresh: Manifest, live: list[TeacherInfo]) -> Manifest:
+    """The manifest to add shards to: `fresh` (written) in a new directory, else the existing one if it was
+    made the same way by the same teachers; its shards that are missing or fail their checksum are dropped,
+    to be made again."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MANIFEST).exists():
+        fresh.write(directory)
+        return fresh
+    existing = Manifest.read(directory)
+    check_live_teachers(existing.teachers, live, directory)
+    differences = [
+        f"{name}: the cache has {getattr(existing, name)!r}, now {getattr(fresh, name)!r}"
+        for name in ("settings", "storage", "data", "shard_rows")
+        if getattr(existing, name) != getattr(fresh, name)
+    ]
+    if differences:
+        raise CacheError(f"{directory} holds a teacher cache made differently ({'; '.join(differences)}); "
+                         "use another directory, or the same settings to add to it")
+    intact = [record for record in existing.shards
+              if (directory / record.file).is_file() and sha256_of(directory / record.file) == record.sha256]
+    for record in existing.shards:
+        if record not in intact:
+            print(f"{directory / record.file}: missing or corrupted; it will be made again")
+    existing.shards = intact
+    existing.write(directory)
+    return existing
+
+
+def record_run(directory: Path, recorder: RecordingSource, settings: dict[str, Any], data: dict[str, Any], steps: tuple[int, int]) -> None:
+    """Write what a live run's `recorder` received during `steps` as one shard of the teacher cache in `directory`."""
+    if not recorder.entries:
+        return
+    fresh = Manifest(teachers=[CachedTeacher.of(g) for g in recorder.groups()], settings=settings, storage=StorageFormat(),
+                     data=data, shard_rows=0)
+    manifest = open_for_writing(directory, fresh, recorder.groups())
+    manifest.add(directory, f"steps-{steps[0]:010d}-{steps[1]:010d}.arrow", "steps", steps, recorder.entries)
 
 
 def check_live_teachers(cached: list[CachedTeacher], live: list[TeacherInfo], where: Path) -> None:

@@ -120,12 +120,15 @@ class StorageFormat(BaseModel):
     id_bits: int = Field(32, ge=1, le=32)
 
 
+PARTS = ("train", "eval", "steps")
+
+
 class ShardRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str
-    part: Literal["train", "eval"]
-    rows: tuple[int, int] = Field(description="Data rows [start, end) this shard answers for.")
+    part: Literal[PARTS] = Field(description="train / eval: collected over those data rows; steps: recorded by a training run.")
+    rows: tuple[int, int] = Field(description="Data rows [start, end) this shard answers for (steps: the run's steps).")
     entries: dict[str, int] = Field(description="Distributions stored, per kind (score, generate).")
     positions: int = Field(description="Token positions stored (sum of lengths).")
     bytes: int
@@ -142,6 +145,11 @@ class CachedTeacher(BaseModel):
     weight: float = 1.0
     info: ModelInfo
 
+    @classmethod
+    def of(cls, teacher: Any) -> CachedTeacher:
+        """The cached form of any `TeacherInfo` (a live pool's group)."""
+        return cls(name=teacher.name, tags=teacher.tags, weight=teacher.weight, info=teacher.info)
+
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -156,6 +164,15 @@ class Manifest(BaseModel):
 
     def write(self, directory: Path) -> None:
         _atomic_write(directory / MANIFEST, self.model_dump_json(indent=2).encode())
+
+    def add(self, directory: Path, file: str, part: str, rows: tuple[int, int], entries: list[Entry]) -> ShardRecord:
+        """Write `entries` as shard `file` (one per teacher, kind, key and sample, in a fixed order, so the same
+        answers make the same shard), then list it here and rewrite the manifest."""
+        counts, positions, size, digest = write_shard(directory, file, unique_sorted(entries), self.storage)
+        record = ShardRecord(file=file, part=part, rows=rows, entries=counts, positions=positions, bytes=size, sha256=digest)
+        self.shards = sorted([*(s for s in self.shards if s.file != file), record], key=lambda s: (PARTS.index(s.part), s.rows))
+        self.write(directory)
+        return record
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -198,6 +215,13 @@ class Entry:
     sample: int
     prompt_tokens: int
     distributions: TokenDistributions
+
+
+def unique_sorted(entries: list[Entry]) -> list[Entry]:
+    """One entry per (teacher, kind, key, sample), the first received (a row repeated in the data is stored
+    once), ordered by that tuple."""
+    unique = {(e.teacher, e.kind, e.key, e.sample): e for e in reversed(entries)}
+    return [unique[key] for key in sorted(unique)]
 
 
 def write_shard(directory: Path, name: str, entries: Iterable[Entry], storage: StorageFormat) -> tuple[dict[str, int], int, int, str]:

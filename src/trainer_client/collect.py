@@ -28,8 +28,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
-from trainer_client.cache_source import RecordingSource, check_live_teachers, request_settings
-from trainer_client.cache_store import CachedTeacher, CacheError, Entry, Manifest, ShardRecord, StorageFormat, id_bits_for, sha256_of, write_shard
+from trainer_client.cache_source import RecordingSource, open_for_writing, request_settings
+from trainer_client.cache_store import CachedTeacher, Entry, Manifest, StorageFormat, id_bits_for
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row, load_rows, stream_rows
 from trainer_client.pool import PoolRunner
@@ -117,9 +117,7 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
             try:
                 for plan, rows in (item for part, rows in parts.items() for item in shards(part, rows, options.shard_rows, done)):
                     entries = runner.run(_answers(config, tokens, runner.pool, plan, rows, lambda n: bar.advance(task, n)))
-                    manifest.shards = sorted([*manifest.shards, _write(options.output, plan, entries, manifest.storage)],
-                                             key=lambda shard: (shard.part != "train", shard.rows))
-                    manifest.write(options.output)
+                    manifest.add(options.output, plan.file, plan.part, (plan.start, plan.end), entries)
             except KeyboardInterrupt:
                 print(f"interrupted: the {len(manifest.shards)} finished shards are kept in {options.output}; "
                       "run the same command again to finish")
@@ -142,25 +140,11 @@ async def _answers(config: TrainConfig, tokens: StudentTokens, pool, plan: Shard
             advance(len(chunk))
 
         await asyncio.gather(*(batch(start) for start in range(0, len(rows), config.batch_size)))
-    return _unique_sorted(recorder.entries)
-
-
-def _unique_sorted(entries: list[Entry]) -> list[Entry]:
-    """One entry per (teacher, kind, key, sample) — a row repeated in the data is stored once — in a fixed
-    order, so the same answers make the same shard whatever order they arrived in."""
-    unique = {(e.teacher, e.kind, e.key, e.sample): e for e in reversed(entries)}
-    return [unique[key] for key in sorted(unique)]
-
-
-def _write(directory: Path, plan: ShardPlan, entries: list[Entry], storage: StorageFormat) -> ShardRecord:
-    counts, positions, size, digest = write_shard(directory, plan.file, entries, storage)
-    return ShardRecord(file=plan.file, part=plan.part, rows=(plan.start, plan.end), entries=counts,
-                       positions=positions, bytes=size, sha256=digest)
+    return recorder.entries
 
 
 def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict, sizes: dict, config: TrainConfig) -> Manifest:
-    """A new manifest, or the existing one if it was made the same way; shards that fail their checksum are dropped (redone)."""
-    teachers = [CachedTeacher(name=g.name, tags=g.tags, weight=g.weight, info=g.info) for g in runner.pool.groups()]
+    teachers = [CachedTeacher.of(group) for group in runner.pool.groups()]
     id_bits = id_bits_for(max(t.info.vocab_size for t in teachers)) if options.pack_ids else 32
     fresh = Manifest(
         teachers=teachers, settings=settings,
@@ -168,27 +152,7 @@ def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict
         data={part: {"source": config.data if part == "train" else config.eval_data, "rows": size} for part, size in sizes.items()},
         shard_rows=options.shard_rows,
     )
-    if not (options.output / "manifest.json").exists():
-        fresh.write(options.output)
-        return fresh
-    existing = Manifest.read(options.output)
-    check_live_teachers(existing.teachers, runner.pool.groups(), options.output)
-    differences = [
-        f"{name}: the cache has {getattr(existing, name)!r}, this collect asks {getattr(fresh, name)!r}"
-        for name in ("settings", "storage", "data", "shard_rows")
-        if getattr(existing, name) != getattr(fresh, name)
-    ]
-    if differences:
-        raise CacheError(f"{options.output} holds a cache collected differently ({'; '.join(differences)}); "
-                         "use another --output, or the same settings to resume it")
-    intact = [record for record in existing.shards if (options.output / record.file).is_file()
-              and sha256_of(options.output / record.file) == record.sha256]
-    for record in existing.shards:
-        if record not in intact:
-            print(f"{options.output / record.file}: missing or corrupted; collecting it again")
-    existing.shards = intact
-    existing.write(options.output)
-    return existing
+    return open_for_writing(options.output, fresh, runner.pool.groups())
 
 
 def _progress_bar(enabled: bool) -> Progress:

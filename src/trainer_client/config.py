@@ -126,10 +126,12 @@ class TrainConfig(BaseModel):
     # --- teachers from disk (`potstill collect` makes the cache) ---
     teacher_cache: str | None = Field(None, description="Teacher cache directory written by `potstill collect`: teacher "
                                       "answers are read from it instead of asking the --teacher endpoints.")
+    record_teacher_cache: str | None = Field(None, description="Write every teacher answer this run receives to a teacher "
+                                             "cache directory, a shard per run (or resumed part of one); single-process runs.")
     cache_miss: Literal["error", "live"] = Field("error", description="A request the cache cannot answer: stop with an "
                                                  "error, or ask the live --teacher endpoints (live).")
 
-    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_cache")
+    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_cache", "record_teacher_cache")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         # A hub id ("org/model") has no "~" and passes through unchanged.
@@ -149,6 +151,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"method {self.method!r} needs at least one --teacher or a --teacher-cache")
         if self.cache_miss == "live" and not (self.teachers and self.teacher_cache):
             raise ValueError("cache_miss 'live' needs a --teacher-cache and --teacher endpoints to answer what it lacks")
+        if self.record_teacher_cache and (self.teacher_cache or not self.teachers):
+            raise ValueError("record_teacher_cache records live --teacher answers; it cannot be used with a --teacher-cache")
         if self.route is None:
             self.route = "tags" if self.method == "multi-sample" else "mixture"
         needs_verifier = [

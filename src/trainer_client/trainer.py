@@ -32,7 +32,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
-from trainer_client.cache_source import CacheSource, TeacherCache, check_cache, check_live_teachers, request_settings
+from trainer_client.cache_source import (
+    CacheSource,
+    RecordingSource,
+    TeacherCache,
+    check_cache,
+    check_live_teachers,
+    record_run,
+    request_settings,
+)
 from trainer_client.config import TrainConfig
 from trainer_client.data import Dataset, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
@@ -100,10 +108,14 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         # --- train ---
         if evaluator and start_step == 0:
             metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
+        completed = start_step  # steps whose update the model holds: what a checkpoint must record
+        if config.record_teacher_cache and accelerator.is_main_process:
+            # Registered before the prefetcher, so it runs after the prefetcher stopped: nothing is still arriving.
+            cleanup.callback(lambda: record_run(Path(config.record_teacher_cache), runner.pool, request_settings(config, tokens.fingerprint),
+                                                {"train": {"source": config.data, "rows": len(data)}}, (start_step, completed)))
         prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student)))
         stop_requested = cleanup.enter_context(_stop_at_step_boundary())
         waited = stepped = 0.0
-        completed = start_step  # steps whose update the model holds: what a checkpoint must record
         final_eval: dict[str, float] = {}
         try:
             with _progress_bar(progress and accelerator.is_main_process) as bar:
@@ -186,7 +198,10 @@ def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunne
     teachers, or with `--teacher-cache` the cache (checked against the run), falling back to the live
     teachers for what it lacks with `--cache-miss live`."""
     if not config.teacher_cache:
-        return connect_teachers(config, tokenizer, vocab_size)
+        runner = connect_teachers(config, tokenizer, vocab_size)
+        if config.record_teacher_cache:
+            runner.pool = RecordingSource(runner.pool)
+        return runner
     cache = TeacherCache(config.teacher_cache)
     check_cache(cache.manifest, request_settings(config, tokenizer_fingerprint(tokenizer)), vocab_size, config.white_box, cache.directory)
     runner = connect_teachers(config, tokenizer, vocab_size) if config.live_teachers else PoolRunner()

@@ -14,9 +14,8 @@ from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from teacher_service.config import ServeOptions
 from teacher_service.testing import BackgroundTeacher
-from trainer_client import collect as collect_module
 from trainer_client.cache_source import CacheMiss, TeacherCache
-from trainer_client.cache_store import CacheError, Manifest, pack_ids, unpack_ids
+from trainer_client.cache_store import CacheError, Manifest, pack_ids, unpack_ids, write_shard
 from trainer_client.collect import CollectOptions, collect
 from trainer_client.config import TrainConfig
 from trainer_client.trainer import train
@@ -95,6 +94,18 @@ def test_training_from_the_cache_gives_the_live_losses(models, data, replicas, l
     assert traffic["cache:teacher"]["cache_misses"] == 0 and traffic["cache:teacher"]["cache_hits"] >= 6 * 8
 
 
+def test_a_live_run_records_what_it_received_and_a_second_run_replays_it(models, data, replicas, tmp_path):
+    live = train(_config(models, data, replicas, tmp_path / "live", steps=4, eval_every=2, record_teacher_cache=str(tmp_path / "rec")),
+                 progress=False)
+    assert [(s.part, s.rows) for s in Manifest.read(tmp_path / "rec").shards] == [("steps", (0, 4))]
+    replay = train(_config(models, data, [], tmp_path / "replay", steps=4, eval_every=2, teacher_cache=str(tmp_path / "rec")),
+                   progress=False)
+    for ours, theirs in zip(_losses(replay.output), _losses(live.output), strict=True):
+        assert {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in ours.items() if "loss" in k or "kl" in k} == \
+            {k: v for k, v in theirs.items() if "loss" in k or "kl" in k}
+    assert json.loads((replay.output / "teacher_traffic.json").read_text())["cache:teacher"]["cache_misses"] == 0
+
+
 def test_a_run_asking_other_settings_is_refused_naming_them(models, data, logit_cache, tmp_path):
     cache, _ = logit_cache
     with pytest.raises(CacheError, match=r"top_k: the cache has 8, this run asks 4.*max_seq_len: the cache has 512, this run asks 64"):
@@ -129,20 +140,21 @@ def test_a_corrupted_shard_is_refused_and_collected_again(models, data, replicas
 def test_an_interrupted_collect_resumes_without_duplicates_or_gaps(models, data, replicas, tmp_path, monkeypatch):
     config = _config(models, data, replicas, tmp_path / "unused", eval_data=None)
     options = CollectOptions(output=tmp_path / "cache", shard_rows=8)
-    real_write, written = collect_module._write, []
+    real_add, written = Manifest.add, []
 
-    def crash_after_the_third_shard_file(directory, plan, entries, storage):
-        record = real_write(directory, plan, entries, storage)
-        written.append(plan)
+    def crash_after_the_third_shard_file(manifest, directory, file, part, rows, entries):
+        written.append(file)
         if len(written) == 3:
+            write_shard(directory, file, entries, manifest.storage)
             raise KeyboardInterrupt  # the shard file is in place, the manifest does not list it yet
-        return record
+        return real_add(manifest, directory, file, part, rows, entries)
 
-    monkeypatch.setattr(collect_module, "_write", crash_after_the_third_shard_file)
+    monkeypatch.setattr(Manifest, "add", crash_after_the_third_shard_file)
     with pytest.raises(KeyboardInterrupt):
         collect(config, options, progress=False)
     assert [s.rows for s in Manifest.read(options.output).shards] == [(0, 8), (8, 16)]
-    monkeypatch.setattr(collect_module, "_write", real_write)
+    assert (options.output / written[2]).is_file()
+    monkeypatch.setattr(Manifest, "add", real_add)
     collect(config, options, progress=False)
     resumed = Manifest.read(options.output)
     assert [s.rows for s in resumed.shards] == [(start, start + 8) for start in range(0, 40, 8)]
@@ -155,7 +167,7 @@ def test_an_interrupted_collect_resumes_without_duplicates_or_gaps(models, data,
 def test_a_collect_into_a_cache_made_differently_is_refused(models, data, replicas, logit_cache):
     cache, _ = logit_cache
     config = _config(models, data, replicas, cache / "unused", top_k=4)
-    with pytest.raises(CacheError, match="collected differently.*settings"):
+    with pytest.raises(CacheError, match="made differently.*settings"):
         collect(config, CollectOptions(output=cache, shard_rows=16), progress=False)
 
 
