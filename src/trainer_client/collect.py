@@ -107,7 +107,6 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
     if config.white_box:
         parts["eval"] = trainer.load_eval_rows(config)
     sizes = {part: len(rows) if isinstance(rows, Sequence) else None for part, rows in parts.items()}
-    options.output.mkdir(parents=True, exist_ok=True)
     with trainer.connect_teachers(config, tokenizer, vocab_size) as runner:
         manifest = _start_or_resume(options, runner, request_settings(config, tokenizer_fingerprint(tokenizer)), sizes, config)
         done = {record.file for record in manifest.shards}
@@ -144,6 +143,7 @@ async def _answers(config: TrainConfig, tokens: StudentTokens, pool, plan: Shard
 
 
 def _start_or_resume(options: CollectOptions, runner: PoolRunner, settings: dict, sizes: dict, config: TrainConfig) -> Manifest:
+    """The output's manifest: new, or the one of an interrupted collect made the same way."""
     teachers = [CachedTeacher.of(group) for group in runner.pool.groups()]
     id_bits = id_bits_for(max(t.info.vocab_size for t in teachers)) if options.pack_ids else 32
     fresh = Manifest(
