@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potstill.cli import main as cli_main
 from potstill.toy.arithmetic import make_rows, write_jsonl
@@ -110,6 +112,24 @@ def test_a_run_asking_other_settings_is_refused_naming_them(models, data, logit_
     cache, _ = logit_cache
     with pytest.raises(CacheError, match=r"top_k: the cache has 8, this run asks 4.*max_seq_len: the cache has 512, this run asks 64"):
         train(_config(models, data, [], tmp_path / "run", teacher_cache=str(cache), top_k=4, max_seq_len=64), progress=False)
+
+
+def test_a_cache_for_another_tokenizer_or_vocabulary_is_refused(models, data, logit_cache, tmp_path):
+    cache, _ = logit_cache
+    manifest = Manifest.read(cache)
+    other = manifest.model_copy(deep=True)
+    other.settings["student_tokenizer"] = "0" * 64
+    other.teachers = [t.model_copy(update={"info": t.info.model_copy(update={"tokenizer_fingerprint": "0" * 64})}) for t in other.teachers]
+    shutil.copytree(cache, tmp_path / "other-tokenizer")
+    other.write(tmp_path / "other-tokenizer")
+    with pytest.raises(CacheError, match="student_tokenizer: the cache has '0000.*teacher 'teacher' tokenizer fingerprint 0000"):
+        train(_config(models, data, [], tmp_path / "run", teacher_cache=str(tmp_path / "other-tokenizer")), progress=False)
+    wide = AutoModelForCausalLM.from_pretrained(models["student"])
+    wide.resize_token_embeddings(wide.config.vocab_size + 16)
+    wide.save_pretrained(tmp_path / "wide")
+    AutoTokenizer.from_pretrained(models["student"]).save_pretrained(tmp_path / "wide")
+    with pytest.raises(CacheError, match=f"teacher 'teacher' vocab_size {wide.config.vocab_size - 16} differs from the student's {wide.config.vocab_size}"):
+        train(_config(models, data, [], tmp_path / "run", student=str(tmp_path / "wide"), teacher_cache=str(cache)), progress=False)
 
 
 def test_rows_missing_from_the_cache_stop_the_run_or_go_live(models, data, replicas, logit_cache, tmp_path):
