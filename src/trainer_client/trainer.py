@@ -109,7 +109,9 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         if evaluator and start_step == 0:
             metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
         completed = start_step  # steps whose update the model holds: what a checkpoint must record
-        if config.record_teacher_cache and accelerator.is_main_process:
+        if config.record_teacher_cache:
+            if accelerator.num_processes > 1:
+                raise ValueError("--record-teacher-cache records single-process runs; collect the cache with `potstill collect`")
             # Registered before the prefetcher, so it runs after the prefetcher stopped: nothing is still arriving.
             cleanup.callback(lambda: record_run(Path(config.record_teacher_cache), runner.pool, request_settings(config, tokens.fingerprint),
                                                 {"train": {"source": config.data, "rows": len(data)}}, (start_step, completed)))
