@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
@@ -32,6 +32,8 @@ class ServeOptions(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype.")
     api_key_file: str | None = Field(None, description="File holding the API key clients must send as a Bearer token.")
     api_key: str | None = Field(None, exclude=True, repr=False, description="The key itself (read from api_key_file).")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS and gRPC over TLS; needs tls_key.")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
     max_model_len: int | None = Field(None, ge=1, description="Cap on prompt + completion tokens (none: the model's own).")
     max_top_logprobs: int = Field(Limits.max_top_logprobs, ge=0, description="Largest k a request may ask for.")
     max_samples: int = Field(Limits.max_samples, ge=1, description="Largest n per prompt.")
@@ -54,6 +56,16 @@ class ServeOptions(BaseModel):
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
         return name
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeOptions:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def with_api_key(self) -> ServeOptions:
         """These options with `api_key` read from `api_key_file` (when one is set)."""

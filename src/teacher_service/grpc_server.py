@@ -113,9 +113,11 @@ class GrpcTeacherServer:
             self.server,
         )
 
-    def bind(self, host: str, port: int) -> int:
-        """Listen on host:port (0 picks a free port); returns the port."""
-        return self.server.add_insecure_port(f"{host}:{port}")
+    def bind(self, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
+        """Listen on host:port (0 picks a free port), over TLS with `tls` = (PEM key, PEM certificate); returns the port."""
+        if tls is None:
+            return self.server.add_insecure_port(f"{host}:{port}")
+        return self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
 
     async def start(self) -> None:
         await self.server.start()

@@ -57,19 +57,29 @@ class TeacherServer:
         self._http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._http_socket.bind((options.host, options.http_port))
         self.http_port = self._http_socket.getsockname()[1]
-        self.grpc_port = self.grpc.bind(options.host, options.grpc_port)
+        tls = (Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes()) if options.tls else None
+        self.grpc_port = self.grpc.bind(options.host, options.grpc_port, tls)
         app = build_app(self.service, options.api_key, options.max_body_bytes, options.metrics_need_api_key)
         config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=int(options.grace_seconds), lifespan="off"
+            app, log_level="warning", timeout_graceful_shutdown=int(options.grace_seconds), lifespan="off",
+            ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key,
         )
         self.http = _UvicornWithoutSignals(config)
         self._http_task: asyncio.Task | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{'https' if self.options.tls else 'http'}://{self.options.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{'grpcs' if self.options.tls else 'grpc'}://{self.options.host}:{self.grpc_port}"
 
     async def start(self) -> None:
         """Listen on both ports, then load the model; returns once it serves."""
         await self.grpc.start()
         self._http_task = asyncio.create_task(self.http.serve(sockets=[self._http_socket]))
-        log.info("listening: http://%s:%d grpc://%s:%d", self.options.host, self.http_port, self.options.host, self.grpc_port)
+        log.info("listening: %s %s", self.http_url, self.grpc_url)
         backend = await asyncio.to_thread(load_backend, self.options.backend, _matching(BackendConfig, self.options))
         self.service.attach(backend)
         await self.grpc.set_serving(True)
@@ -95,7 +105,7 @@ async def serve_until_signalled(options: ServeOptions) -> None:
     starting = asyncio.create_task(server.start())
     await asyncio.wait([starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is None:
-        print(f"potstill teacher ready: http://{options.host}:{server.http_port} grpc://{options.host}:{server.grpc_port}", flush=True)
+        print(f"potstill teacher ready: {server.http_url} {server.grpc_url}", flush=True)
         await stop.wait()
     log.info("shutting down")
     starting.cancel()

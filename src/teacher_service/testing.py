@@ -46,11 +46,11 @@ class BackgroundTeacher:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.options.host}:{self.server.http_port}"
+        return self.server.http_url
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://{self.options.host}:{self.server.grpc_port}"
+        return self.server.grpc_url
 
     def stop(self) -> None:
         if self.server is not None:

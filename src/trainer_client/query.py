@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--json", action="store_true", help="print the answer as JSON instead of tables")
     common.add_argument("--api-key-file", type=Path, help="file holding the teacher's API key")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    common.add_argument("--ca-file", help="PEM certificates to trust for grpcs:// and https:// (default: the system's)")
     common.add_argument("--tokenizer", help="tokenizer path or hub id for token text (default: the teacher's model, if local)")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("info", parents=[common], help="what the teacher serves and its limits")
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> None:
 
 async def _query(args: argparse.Namespace) -> tuple[ModelInfo, Any, Any]:
     api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
-    client = connect_client(args.url, api_key=api_key, timeout=args.timeout)
+    client = connect_client(args.url, api_key=api_key, timeout=args.timeout, ca_file=args.ca_file)
     try:
         info = await client.model_info()
         # OpenAI-compatible endpoints need a tokenizer for text; the others only for display.
@@ -81,7 +82,7 @@ async def _query(args: argparse.Namespace) -> tuple[ModelInfo, Any, Any]:
         tokenizer = _load_tokenizer(args.tokenizer or info.model) if needs_tokenizer and args.action != "info" else None
         if isinstance(client, OpenAITeacherClient) and tokenizer is not None:
             await client.close()
-            client = connect_client(args.url, api_key=api_key, timeout=args.timeout, tokenizer=tokenizer)
+            client = connect_client(args.url, api_key=api_key, timeout=args.timeout, ca_file=args.ca_file, tokenizer=tokenizer)
         return info, await ACTIONS[args.action](client, args), tokenizer
     finally:
         await client.close()
