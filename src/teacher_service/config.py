@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from potstill.logs import LogFormat
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from teacher_service.http_server import DEFAULT_MAX_BODY_BYTES
@@ -47,6 +48,7 @@ class ServeOptions(BaseModel):
         0.0, ge=0, description="After SIGTERM, how long readiness reports false while requests are still accepted, "
         "so load balancers stop sending before the servers stop listening.",
     )
+    log_format: LogFormat = Field("text", description="text for people, json for log collectors (one object per line).")
     metrics_need_api_key: bool = Field(False, description="Ask for the API key on /metrics too (by default Prometheus scrapes it freely).")
 
     @field_validator("backend")

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 
 from potstill.flags import add_schema_arguments, settings_values
+from potstill.logs import configure_logging
 from teacher_service.backends import load_backend
 from teacher_service.backends.base import BackendConfig
 from teacher_service.config import ENV_PREFIX, ServeOptions
@@ -123,8 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(**settings_values(args, ServeOptions, args.config, ENV_PREFIX)).with_api_key()
+    configure_logging(options.log_format)
     asyncio.run(serve_until_signalled(options))
     # Every request has been answered; skip the interpreter's teardown of torch and transformers
     # (seconds per process), so a stopped teacher frees its ports and its node at once.

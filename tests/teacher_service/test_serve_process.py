@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -173,10 +174,13 @@ def test_settings_come_from_a_yaml_file_then_the_environment_then_flags(tiny_mod
     config.write_text("max-batch: 5\nmax_top_logprobs: 7\nmax-samples: 3\n")
     monkeypatch.setenv("POTSTILL_MAX_BATCH", "4")  # the environment beats the file
     monkeypatch.setenv("POTSTILL_MAX_SAMPLES", "2")  # a flag beats the environment
-    with serve(tiny_model_dir, tmp_path, "--config", str(config), "--max-samples", "6") as server:
+    with serve(tiny_model_dir, tmp_path, "--config", str(config), "--max-samples", "6", "--log-format", "json") as server:
         info = httpx.get(server.http_url + "/v1/model").json()
         assert (info["max_batch"], info["max_top_logprobs"], info["max_samples"]) == (4, 7, 6)
         drain_on_sigterm(server)
+    logged = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    assert any(entry["message"].startswith("listening: ") and entry["level"] == "INFO" for entry in logged)
+    assert {"time", "level", "logger", "message"} <= logged[0].keys()
 
 
 def test_sigterm_turns_readiness_false_while_requests_are_still_answered(tiny_model_dir, tmp_path):
