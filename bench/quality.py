@@ -1,9 +1,18 @@
-"""Distillation quality at a fixed student budget: which way of learning from a teacher works best.
+"""Distillation quality at a fixed student budget: which way of learning from teachers works best.
 
-    python bench/quality.py [--steps 2000] [--seeds 0 1 2] [--methods NAME ...]
-                            [--train-rows 5000] [--output bench-quality]
+    python bench/quality.py [--world arith|noisy|specialists|guided] [--steps 2000] [--seeds 0 1 2]
+                            [--methods NAME ...] [--train-rows 5000] [--output bench-quality]
 
-Builds (or reuses) the toy arithmetic teacher, serves it with one `potstill serve` process, and
+A world is a set of toy teachers and the rows (methods) compared on it:
+- arith: the main teacher; classic methods (sft, seq-kd, logit-kd with several divergences).
+- noisy: a teacher trained on answers that are wrong 30% of the time and one at 50% (and a toy
+  judge); single-sample seq-kd against multi-sample distillation (R-MSD) selecting by verifier,
+  majority, judge or confidence.
+- specialists: an add-only and a sub-only teacher on the mixed task; either alone, their
+  mixture, and per-prompt routing (by task tags, by verified answer, by confidence, a gate).
+- guided: the main teacher; seq-kd against guidance on demand (teachers asked only where the
+  student's own samples all fail), with the share of prompts that asked no teacher.
+Builds (or reuses) the world's toy teachers, serves each with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
 steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
 measured by the trainer's own evaluation) after each quarter of the budget as mean ± std over
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import statistics
@@ -32,23 +42,64 @@ from rich.console import Console
 from rich.table import Table
 
 from potstill.demo import BATCH_SIZE, VERIFIER, default_cache_dir, model_accuracy
-from potstill.toy.arithmetic import make_rows, write_jsonl
+from potstill.toy.arithmetic import JUDGE_NO, JUDGE_RUBRIC, JUDGE_YES, make_rows, write_jsonl
 from potstill.toy.world import build_student, build_teacher
 from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.pool import TeacherPool
-from trainer_client.report import read_metrics
+from trainer_client.report import METHOD_STAT_PREFIXES, read_metrics
 from trainer_client.trainer import train
 
-# Row name -> TrainConfig settings; None means the untrained student.
-METHODS: dict[str, dict | None] = {
-    "no distillation": None,
-    "sft on ground truth": {"method": "sft"},
-    "seq-kd, 1 sample": {"method": "seq-kd", "samples_per_prompt": 1, "sample_temperature": 1.0},
-    "logit-kd forward KL": {"method": "logit-kd", "loss": "forward_kl"},
-    "logit-kd forward KL, τ=2": {"method": "logit-kd", "loss": "forward_kl", "temperature": 2.0},
-    "logit-kd reverse KL": {"method": "logit-kd", "loss": "reverse_kl"},
-    "logit-kd JSD(0.5)": {"method": "logit-kd", "loss": "jsd", "beta": 0.5},
+SEQ_KD = {"method": "seq-kd", "samples_per_prompt": 1, "sample_temperature": 1.0}
+MULTI = {"method": "multi-sample", "samples_per_prompt": 4, "sample_temperature": 1.0}
+
+
+@dataclass(frozen=True)
+class World:
+    """Teachers (pool name -> (toy teacher, tags)), an optional toy judge, and the rows compared:
+    row name -> TrainConfig settings plus "use": the teachers it learns from (default: all);
+    None is the untrained student. `tasks` tags each data row with its operation."""
+
+    teachers: dict[str, tuple[str, str]]
+    methods: dict[str, dict | None]
+    judge: str | None = None
+    tasks: bool = False
+    reference: str = "arith"  # whose accuracy the recovered share is measured against
+
+
+WORLDS: dict[str, World] = {
+    "arith": World({"arith": ("arith", "")}, {
+        "no distillation": None,
+        "sft on ground truth": {"method": "sft"},
+        "seq-kd, 1 sample": SEQ_KD,
+        "logit-kd forward KL": {"method": "logit-kd", "loss": "forward_kl"},
+        "logit-kd forward KL, τ=2": {"method": "logit-kd", "loss": "forward_kl", "temperature": 2.0},
+        "logit-kd reverse KL": {"method": "logit-kd", "loss": "reverse_kl"},
+        "logit-kd JSD(0.5)": {"method": "logit-kd", "loss": "jsd", "beta": 0.5},
+    }),
+    "noisy": World({"noisy": ("noisy", ""), "noisy-50": ("noisy-50", "")}, {
+        "seq-kd, 1 sample (30% teacher)": {**SEQ_KD, "use": ["noisy"]},
+        "multi-sample x4, verifier (30%)": {**MULTI, "select": "verifier", "use": ["noisy"]},
+        "multi-sample x4, majority (30%)": {**MULTI, "select": "majority", "use": ["noisy"]},
+        "seq-kd, 1 sample (30% + 50% mixture)": SEQ_KD,
+        "multi-sample x2 each, majority (30% + 50%)": {**MULTI, "samples_per_prompt": 2, "select": "majority"},
+        "multi-sample x4, judge, no verifier (30%)": {**MULTI, "select": "judge", "use": ["noisy"]},
+        "multi-sample x4, confidence (30%)": {**MULTI, "select": "confidence", "use": ["noisy"]},
+    }, judge="judge", reference="noisy"),
+    "specialists": World({"add": ("add-only", "add"), "sub": ("sub-only", "sub")}, {
+        "seq-kd, add-only teacher": {**SEQ_KD, "use": ["add"]},
+        "seq-kd, sub-only teacher": {**SEQ_KD, "use": ["sub"]},
+        "seq-kd, mixture of both": SEQ_KD,
+        "route by task tags": {**SEQ_KD, "route": "tags"},
+        "route to the verified teacher": {**SEQ_KD, "route": "verified"},
+        "route to the more confident teacher": {**SEQ_KD, "route": "confidence"},
+        "route by a learned gate": {**SEQ_KD, "route": "gate"},
+    }, tasks=True, reference="add"),
+    "guided": World({"arith": ("arith", "")}, {
+        "seq-kd, 1 sample": SEQ_KD,
+        "guided, 4 student samples": {"method": "guided", "student_samples": 4, "student_temperature": 1.0,
+                                      "samples_per_prompt": 1, "sample_temperature": 1.0},
+    }),
 }
 CHECKPOINTS = 4  # accuracy is measured every steps / CHECKPOINTS
 
@@ -61,28 +112,42 @@ class Bench:
     train_data: Path
     eval_data: Path
     eval_rows: list[dict]
-    teacher_url: str
+    teacher_urls: dict[str, str]  # pool name -> URL with its name and tags
+    judge_url: str | None
+    methods: dict[str, dict | None]
     student_cache: Path
     output: Path
 
 
 def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
     """Held-out accuracy by step for one method and seed; the untrained student is flat at its step-0 value."""
-    settings = METHODS[method]
+    settings = bench.methods[method]
     student = build_student(bench.student_cache / f"seed-{seed}", seed=seed)
     if settings is None:
         untrained = model_accuracy(student, bench.eval_rows)
         return {step: untrained for step in (0, *checkpoint_steps(bench.steps))}
     run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
     if not _finished(run_dir, bench.steps):
+        settings = dict(settings)
+        teachers = [bench.teacher_urls[name] for name in settings.pop("use", bench.teacher_urls)]
+        if settings.get("select") == "judge":  # the toy judge, asked exactly as it was trained
+            settings.update(judges=[bench.judge_url], judge_rubrics={"correctness": JUDGE_RUBRIC}, judge_yes=JUDGE_YES, judge_no=JUDGE_NO)
         config = TrainConfig(
-            student=str(student), teachers=[bench.teacher_url], data=str(bench.train_data), eval_data=str(bench.eval_data),
+            student=str(student), teachers=teachers, data=str(bench.train_data), eval_data=str(bench.eval_data),
             output=str(run_dir), steps=bench.steps, batch_size=BATCH_SIZE, lr=1.5e-3, warmup_steps=min(50, bench.steps // 10),
             seed=seed, max_new_tokens=6, log_every=max(1, bench.steps // 10), save_every=10**9,
             eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), verifier=VERIFIER, eval_max_new_tokens=6, **settings,
         )
         train(config, progress=False)
     return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}
+
+
+def method_statistics(bench: Bench, method: str, seed: int) -> dict[str, float]:
+    """A run's method statistics (routing shares, acceptance, calls saved...) averaged over its log lines."""
+    run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
+    records = [m for m in read_metrics(run_dir) if "loss" in m]
+    keys = sorted({k for m in records for k in m if k.startswith(METHOD_STAT_PREFIXES)})
+    return {k: statistics.mean(m[k] for m in records if k in m) for k in keys}
 
 
 def teacher_confidence(teacher_url: str, eval_rows: list[dict]) -> tuple[float, float]:
@@ -135,40 +200,59 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", choices=list(WORLDS), default="arith", help="teachers and rows compared (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2000, help="student steps per run (default: %(default)s, the demo's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="NAME",
-                        help=f"rows to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--methods", nargs="+", metavar="NAME", help="rows to run (default: all of the world's)")
     parser.add_argument("--train-rows", type=int, default=5000, help="distinct training prompts (default: %(default)s)")
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--output", type=Path, default=Path("bench-quality"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default: the toy teacher's own)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default: the toy teachers' own)")
     args = parser.parse_args()
+    world = WORLDS[args.world]
+    methods = args.methods or list(world.methods)
+    unknown = [name for name in methods if name not in world.methods]
+    if unknown:
+        parser.error(f"unknown rows {unknown} for world {args.world}; choose from: {', '.join(world.methods)}")
     if args.steps < CHECKPOINTS:
         parser.error(f"--steps must be at least {CHECKPOINTS}")
 
-    teacher = build_teacher("arith", args.cache_dir, **({"steps": args.teacher_steps} if args.teacher_steps else {}))
-    eval_rows = make_rows(args.eval_rows, seed=0, split="eval")
-    teacher_accuracy = model_accuracy(teacher, eval_rows)
+    overrides = {"steps": args.teacher_steps} if args.teacher_steps else {}
+    toy_names = {toy for toy, _ in world.teachers.values()} | ({world.judge} if world.judge else set())
+    built = {toy: build_teacher(toy, args.cache_dir, **overrides) for toy in sorted(toy_names)}
+    eval_rows = _with_tasks(make_rows(args.eval_rows, seed=0, split="eval"), world.tasks)
+    accuracies = {name: model_accuracy(built[toy], eval_rows) for name, (toy, _) in world.teachers.items()}
     results: dict[str, list[dict[int, float]]] = {}
+    stats: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
-    with TeacherProcess(str(teacher), threads=1) as served:
+    with contextlib.ExitStack() as stack:
+        served = {toy: stack.enter_context(TeacherProcess(str(path), threads=1)) for toy, path in built.items()}
         bench = Bench(
-            steps=args.steps, train_data=write_jsonl(make_rows(args.train_rows, seed=0), args.output / "train.jsonl"),
+            steps=args.steps, train_data=write_jsonl(_with_tasks(make_rows(args.train_rows, seed=0), world.tasks), args.output / "train.jsonl"),
             eval_data=write_jsonl(eval_rows, args.output / "eval.jsonl"), eval_rows=eval_rows,
-            teacher_url=served.grpc_url, student_cache=args.cache_dir / "bench-students", output=args.output,
+            teacher_urls={name: f"{served[toy].grpc_url}#name={name}" + (f"&tags={tags}" if tags else "")
+                          for name, (toy, tags) in world.teachers.items()},
+            judge_url=served[world.judge].grpc_url if world.judge else None, methods=world.methods,
+            student_cache=args.cache_dir / "bench-students", output=args.output,
         )
-        top1_mean, top1_sure = teacher_confidence(served.grpc_url, eval_rows)
-        for name in args.methods:
+        top1_mean, top1_sure = teacher_confidence(served[world.teachers[world.reference][0]].grpc_url, eval_rows)
+        for name in methods:
             results[name] = [accuracy_curve(bench, name, seed) for seed in args.seeds]
+            stats[name] = [method_statistics(bench, name, seed) for seed in args.seeds]
             finals = ", ".join(f"{curve[args.steps]:.1%}" for curve in results[name])
             Console().print(f"{name}: {finals}  ({time.perf_counter() - started:.0f} s so far)")
 
+    teacher_accuracy = accuracies[world.reference]
     header, rows = results_table(results, args.steps, teacher_accuracy)
-    title = (f"Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x {BATCH_SIZE} "
-             f"prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
-             f"teacher: {teacher_accuracy:.1%}, mean top-1 probability at answer tokens {top1_mean:.3f} "
+    header, rows = [*header, f"Δ vs '{methods[0]}'", "method statistics (mean over logs and seeds)"], [
+        [*row, gap_against(results[methods[0]], results[name], args.steps), summarise(stats[name])]
+        for row, name in zip(rows, methods)
+    ]
+    teachers_text = ", ".join(f"{name} {accuracy:.1%}" for name, accuracy in accuracies.items())
+    title = (f"World '{args.world}'. Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x "
+             f"{BATCH_SIZE} prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
+             f"teachers (greedy): {teachers_text}; {world.reference}'s mean top-1 probability at answer tokens {top1_mean:.3f} "
              f"(> 0.99 at {top1_sure:.1%} of them)")
     table = Table(*header, title=title)
     for row in rows:
@@ -176,10 +260,32 @@ def main() -> None:
     Console().print(table)
     (args.output / "quality.md").write_text(f"{title}\n\n{markdown(header, rows)}")
     (args.output / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "seeds": args.seeds, "train_rows": args.train_rows, "teacher_accuracy": teacher_accuracy,
+        {"world": args.world, "steps": args.steps, "seeds": args.seeds, "train_rows": args.train_rows,
+         "teacher_accuracy": teacher_accuracy, "teacher_accuracies": accuracies,
          "teacher_top1_probability": top1_mean, "teacher_top1_above_0.99": top1_sure,
-         "accuracy_by_step": {name: [{str(k): v for k, v in curve.items()} for curve in curves] for name, curves in results.items()}},
+         "accuracy_by_step": {name: [{str(k): v for k, v in curve.items()} for curve in curves] for name, curves in results.items()},
+         "method_statistics": stats},
         indent=1))
+
+
+def _with_tasks(rows: list[dict], tasks: bool) -> list[dict]:
+    """The rows, each tagged with its operation as its `task` when asked (the specialists' routing key)."""
+    return [{**row, "task": "add" if "+" in row["prompt"] else "sub"} for row in rows] if tasks else rows
+
+
+def gap_against(baseline: list[dict[int, float]], other: list[dict[int, float]], steps: int) -> str:
+    """Mean final-accuracy difference, and whether it exceeds the larger of the two seed spreads."""
+    a, b = [c[steps] for c in baseline], [c[steps] for c in other]
+    if a == b:
+        return "—"
+    spread = max(statistics.stdev(a) if len(a) > 1 else 0.0, statistics.stdev(b) if len(b) > 1 else 0.0)
+    gap = statistics.mean(b) - statistics.mean(a)
+    return f"{gap:+.1%} ({'exceeds' if abs(gap) > spread else 'within'} spread {spread:.1%})"
+
+
+def summarise(per_seed: list[dict[str, float]]) -> str:
+    keys = sorted({k for s in per_seed for k in s})
+    return ", ".join(f"{k} {statistics.mean(s[k] for s in per_seed if k in s):.2f}" for k in keys) or "—"
 
 
 if __name__ == "__main__":

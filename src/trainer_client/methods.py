@@ -29,6 +29,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from trainer_client.adversarial import AdversarialTerm
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.losses import mix_teachers
@@ -38,7 +39,7 @@ from trainer_client.samples import Candidate, Example, PromptGroup, StudentToken
 from trainer_client.selection import Selector
 from trainer_client.source import TeacherSource
 from trainer_client.student import StudentView
-from trainer_client.student_loss import Batch, weighted_loss_sum
+from trainer_client.student_loss import Batch, final_hidden_states, weighted_loss_sum, weighted_loss_sum_from_hidden
 
 REFERENCE = "reference"  # the `author` of a row's own completion
 
@@ -114,12 +115,41 @@ class SFT(Method):
 class SampledTargets(Method):
     """seq-kd and multi-sample: teacher samples are the targets; routing and selection decide
     which count and how much (seq-kd defaults to one teacher per row, multi-sample to all the
-    teachers the row's task routes to)."""
+    teachers the row's task routes to). With `adversarial_weight`, the student also samples one
+    answer per prompt for the adversarial term (adversarial.py)."""
+
+    def __init__(self, config: TrainConfig, tokens: StudentTokens, source: TeacherSource | None):
+        super().__init__(config, tokens, source)
+        self.adversarial = AdversarialTerm(self.stats) if config.adversarial_weight > 0 else None
+        self.uses_student = self.adversarial is not None
+
+    def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
+        if not self.adversarial:
+            return None
+        prompts = [self.tokens.prompt(row.prompt) for row in rows]
+        samples = student.sample(prompts, 1, self.config.max_new_tokens, self.config.student_temperature, step_seed(self.config, step))
+        return [[Example(*self.tokens.fit(p, c.target_ids), weight=0.0, own=True) for c in own if c.target_ids] for p, own in zip(prompts, samples)]
 
     async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
         groups = await self.router.sample(rows, step_seed(self.config, step))
         await self.selector.annotate(groups)
+        for group, own in zip(groups, rollout or []):
+            group.own_examples = own
         return groups
+
+    def select(self, groups: list[PromptGroup], student: StudentView) -> list[Example]:
+        return super().select(groups, student) + [example for group in groups for example in group.own_examples]
+
+    def loss(self, model, unwrapped, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.adversarial:
+            return super().loss(model, unwrapped, batch)
+        hidden = final_hidden_states(model, unwrapped, batch)
+        loss_sum, parts = weighted_loss_sum_from_hidden(hidden, unwrapped, batch, self.config)
+        term = self.adversarial(hidden, batch)
+        # As a mean over this micro-batch, scaled to its share of the step's weight like the rest.
+        batch_weight = batch.weights.sum()
+        parts["adversarial"] = term.item() * batch_weight.item()
+        return loss_sum + self.config.adversarial_weight * term * batch_weight, parts
 
 
 class LogitKD(Method):

@@ -29,6 +29,7 @@ class Example:
     weight: float = 1.0
     teacher_ids: np.ndarray | None = None  # int [len(target_ids), K]
     teacher_logprobs: np.ndarray | None = None  # float [len(target_ids), K]
+    own: bool = False  # the student's own sample: seen by the adversarial discriminator, never a target
 
 
 @dataclass
@@ -54,6 +55,7 @@ class PromptGroup:
     prompt_ids: list[int]
     candidates: list[Candidate] = field(default_factory=list)
     teacher_ce: dict[str, float] = field(default_factory=dict)  # per teacher, on the row's reference (route lowest-ce)
+    own_examples: list[Example] = field(default_factory=list)  # the student's own samples (adversarial term)
 
     def by_author(self) -> dict[str, list[Candidate]]:
         grouped: dict[str, list[Candidate]] = defaultdict(list)

@@ -35,6 +35,7 @@ class Batch:
     labels: torch.Tensor  # [B, T - 1]: the token each position predicts
     target_mask: torch.Tensor  # [B, T - 1] bool: positions predicting a target token
     weights: torch.Tensor  # [B, T - 1] float: the example's weight at its target positions, else 0
+    own: torch.Tensor  # [B] bool: the student's own sample (for the adversarial term), not a target
     teacher_ids: torch.Tensor | None  # [B, T - 1, K]
     teacher_logprobs: torch.Tensor | None  # [B, T - 1, K]
 
@@ -71,6 +72,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels=input_ids[:, 1:].clone(),
         target_mask=target_mask,
         weights=weights,
+        own=torch.tensor([e.own for e in examples], dtype=torch.bool),
         teacher_ids=teacher_ids if has_teacher else None,
         teacher_logprobs=teacher_logprobs if has_teacher else None,
     )
@@ -119,12 +121,19 @@ def final_hidden_states(model, unwrapped, batch: Batch) -> torch.Tensor:
 
 
 def weighted_loss_sum(model, unwrapped, batch: Batch, config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Σ weight · loss over the batch's weighted positions, and Σ weight · part for each part.
+    """Σ weight · loss over the batch's weighted positions, and Σ weight · part for each part."""
+    return weighted_loss_sum_from_hidden(final_hidden_states(model, unwrapped, batch), unwrapped, batch, config)
+
+
+def weighted_loss_sum_from_hidden(
+    hidden: torch.Tensor, unwrapped, batch: Batch, config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`weighted_loss_sum` given the final hidden states [B, T, H].
 
     The output layer runs on `config.loss_chunk_size` positions at a time, checkpointed, so the
     largest tensor alive is one chunk's [chunk, V] logits (with its log-softmax), never [B, T, V].
     """
-    hidden = final_hidden_states(model, unwrapped, batch)[:, :-1]  # [B, T - 1, H], aligned with labels
+    hidden = hidden[:, :-1]  # [B, T - 1, H], aligned with labels
     keep = batch.weights > 0  # [B, T - 1]
     h, labels, weights = hidden[keep], batch.labels[keep], batch.weights[keep]  # [N, H], [N], [N]
     teacher = (batch.teacher_ids[keep], batch.teacher_logprobs[keep]) if batch.teacher_ids is not None else (None, None)

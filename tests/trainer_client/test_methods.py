@@ -14,16 +14,20 @@ import math
 
 import httpx
 import pytest
+import torch
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from teacher_service.config import ServeOptions
 from teacher_service.testing import BackgroundTeacher
+from trainer_client.adversarial import AdversarialTerm
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.judges import Judge
 from trainer_client.pool import TeacherPool
-from trainer_client.samples import Candidate, PromptGroup
+from trainer_client.methods import MethodStats
+from trainer_client.samples import Candidate, Example, PromptGroup
+from trainer_client.student_loss import collate
 from trainer_client.trainer import judge_spec, train
 
 ANSWER_TOKENS = 3
@@ -185,3 +189,26 @@ def test_rows_keep_their_extra_fields_and_labels():
 def test_settings_a_method_cannot_use_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(student="s", data="d", teachers=["grpc://h:1"], **settings)
+
+
+def test_adversarial_term_trains_a_discriminator_without_counting_student_samples_as_targets(tmp_path, student, rows, teachers):
+    common = dict(method="multi-sample", samples_per_prompt=2, sample_temperature=0.0, steps=3)
+    plain = _train(tmp_path / "plain", student, rows, [_tagged(teachers["a"], "a")], **common)
+    logs = _train(tmp_path / "adversarial", student, rows, [_tagged(teachers["a"], "a")], adversarial_weight=0.5, **common)
+    assert [line["weight"] for line in logs] == [line["weight"] for line in plain]  # own samples weigh 0
+    assert all(line["adversarial"] > 0 and 0.0 <= line["adversarial/discriminator_accuracy"] <= 1.0 for line in logs)
+
+
+def test_the_discriminator_learns_to_separate_and_the_student_term_pulls_own_samples_toward_teachers():
+    stats = MethodStats()
+    term = AdversarialTerm(stats)
+    generator = torch.Generator().manual_seed(0)
+    # 4 teacher samples and 4 own samples, 3 positions each; their hidden states sit in two clusters.
+    batch = collate([Example([1], [2, 3, 4], 1.0) for _ in range(4)] + [Example([1], [2, 3, 4], 0.0, own=True) for _ in range(4)], 0)
+    centre = torch.tensor([2.0] * 4 + [-2.0] * 4)[:, None, None]
+    for _ in range(30):
+        hidden = (centre + torch.randn(8, 4, 16, generator=generator)).requires_grad_()
+        student_term = term(hidden, batch)
+    assert stats.drain()["adversarial/discriminator_accuracy"] > 0.9
+    student_term.backward()
+    assert hidden.grad[4:].abs().sum() > 0 and hidden.grad[:4].abs().sum() == 0  # only own samples are moved
