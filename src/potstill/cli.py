@@ -2,6 +2,8 @@
 
 Each subcommand's module owns its flags (`add_arguments`) and its work (`main`); modules are
 imported only when their subcommand runs, so a teacher node never imports the trainer.
+A user's mistake (`UsageError`, a settings `ValidationError`, or an error type the module lists
+in `USER_ERRORS`) is one line on stderr and exit status 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from pydantic import ValidationError
+
+from potstill.usage import UsageError
 
 SUBCOMMANDS = {
     "serve": ("teacher_service.serve", "serve a teacher model over HTTP and gRPC"),
@@ -21,21 +27,41 @@ SUBCOMMANDS = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potstill", description="Knowledge distillation of language models across the network.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         # Only the chosen subcommand's module is imported: its flags are all that is needed.
-        if name in argv[:1]:
+        if name == _command(argv):
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
-            sub.set_defaults(run=module.main)
+            sub.set_defaults(run=module.main, user_errors=getattr(module, "USER_ERRORS", ()))
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (UsageError, ValidationError, *args.user_errors) as error:
+        if args.debug:
+            raise
+        print(f"potstill {args.command}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(error: Exception) -> str:
+    """An error as one line; a settings `ValidationError` names the flag (`--steps: ...`)."""
+    if isinstance(error, ValidationError):
+        first = error.errors(include_url=False)[0]
+        flag = "--" + "-".join(str(part) for part in first["loc"][:1]).replace("_", "-")
+        return f"{flag}: {first['msg'].removeprefix('Value error, ')}" + (f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else "")
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from potstill.logs import LogFormat
+from potstill.usage import UsageError
+from teacher_service.auth import require_usable_key
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
-from teacher_service.http_server import DEFAULT_MAX_BODY_BYTES
-from teacher_service.protocol import Limits
+from teacher_service.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
+from teacher_service.protocol import CHARS_PER_TOKEN_BOUND, Limits
 
 ENV_PREFIX = "POTSTILL_"
 
@@ -41,7 +43,15 @@ class ServeOptions(BaseModel):
     max_new_tokens: int = Field(Limits.max_new_tokens, ge=1, description="Most tokens one sample may generate.")
     max_batch: int = Field(Limits.max_batch, ge=1, description="Most sequences or prompts per request (clients split larger batches).")
     max_queued_requests: int = Field(64, ge=1, description="Requests admitted at once; more are refused with 429 / RESOURCE_EXHAUSTED.")
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description=f"Most characters of a text prompt or completion, checked before tokenising "
+        f"(none: {CHARS_PER_TOKEN_BOUND} x the context length).",
+    )
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest HTTP request body.")
+    body_timeout_seconds: float = Field(
+        DEFAULT_BODY_TIMEOUT_SECONDS, gt=0, description="Longest an HTTP request body may take to arrive (then 408)."
+    )
+    max_connections: int = Field(1024, ge=1, description="Open HTTP connections at once; more are answered 503.")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1, description="Largest gRPC message, either way.")
     grace_seconds: float = Field(30.0, ge=0, description="How long in-flight requests may take to finish on SIGTERM.")
     drain_delay_seconds: float = Field(
@@ -50,6 +60,16 @@ class ServeOptions(BaseModel):
     )
     log_format: LogFormat = Field("text", description="text for people, json for log collectors (one object per line).")
     metrics_need_api_key: bool = Field(False, description="Ask for the API key on /metrics too (by default Prometheus scrapes it freely).")
+    docs_without_api_key: bool = Field(
+        False, description="With an API key set, still serve /docs, /openapi.json and gRPC reflection to anyone "
+        "(by default /openapi.json and reflection need the key and /docs is off).",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: str | None) -> str | None:
+        require_usable_key(key)
+        return key
 
     @field_validator("backend")
     @classmethod
@@ -74,4 +94,7 @@ class ServeOptions(BaseModel):
         if self.api_key_file is None:
             return self
         with open(self.api_key_file) as key_file:
-            return self.model_copy(update={"api_key": key_file.read().strip()})
+            key = key_file.read().strip()
+        if not key:
+            raise UsageError(f"--api-key-file {self.api_key_file} is empty: refusing to serve without authentication")
+        return ServeOptions(**{**self.model_dump(), "api_key": key})

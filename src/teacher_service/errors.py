@@ -1,7 +1,9 @@
 """The one error taxonomy of the teacher service, mapped once to HTTP and once to gRPC codes.
 
 The service and backends raise these; the HTTP and gRPC adapters only translate them.
-Anything else escaping a handler is a server bug and surfaces as 500 / INTERNAL.
+Anything else escaping a handler is a server bug and surfaces as 500 / INTERNAL, in the same
+shape. Over gRPC the kind (and field) also travel as trailing metadata (`KIND_METADATA`,
+`FIELD_METADATA`), so clients classify an error by its kind, never by its message text.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ import grpc
 from pydantic import ValidationError
 
 
+KIND_METADATA = "potstill-error-kind"
+FIELD_METADATA = "potstill-error-field"
+
+
 class TeacherError(Exception):
-    """Base: a message for the caller and, for bad input, the offending field."""
+    """Base: a message for the caller and, for bad input, the offending field.
+
+    Raised as such (not a subclass), it is a server fault: 500 / INTERNAL."""
 
     http_status = 500
     grpc_code = grpc.StatusCode.INTERNAL
     kind = "internal_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After where the caller should come back
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
@@ -27,6 +36,9 @@ class TeacherError(Exception):
 
     def grpc_details(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        return ((KIND_METADATA, self.kind),) + (((FIELD_METADATA, self.field),) if self.field else ())
 
 
 class InvalidRequest(TeacherError):
@@ -45,6 +57,7 @@ class Overloaded(TeacherError):
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     kind = "overloaded"
+    retry_after = 1
 
 
 class Unauthenticated(TeacherError):
@@ -59,6 +72,20 @@ class BackendUnavailable(TeacherError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     kind = "unavailable"
+    retry_after = 1
+
+
+class RequestTimeout(TeacherError):
+    """The request body did not arrive in time."""
+
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = "request_timeout"
+
+
+def unexpected(error: BaseException) -> TeacherError:
+    """A server bug as the caller sees it: its class only (the traceback goes to the log, once)."""
+    return TeacherError(f"internal error ({type(error).__name__}); see the teacher's log")
 
 
 def from_validation_error(error: ValidationError) -> InvalidRequest:

@@ -1,13 +1,16 @@
 """The gRPC adapter: `potstill.v1.Teacher` over grpc.aio, plus the standard health and reflection services.
 
 Servicer methods convert protobuf to plain data, delegate to `TeacherService`, and convert back;
-a `TeacherError` aborts the call with its gRPC code and `field: message` as details.
+a `TeacherError` aborts the call with its gRPC code, `field: message` as details and its kind in
+the trailing metadata. Requests arrive as bytes and are parsed here, so a malformed message is
+INVALID_ARGUMENT; anything unexpected is INTERNAL (logged once), and counted as such.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import secrets
+import logging
 import time
 
 import grpc
@@ -18,27 +21,44 @@ from grpc_reflection.v1alpha import reflection
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
-from teacher_service.errors import TeacherError, Unauthenticated
+from teacher_service.auth import bearer_matches, require_usable_key
+from teacher_service.errors import TeacherError, Unauthenticated, unexpected
 from teacher_service.protocol import GenerateRequest, ScoreRequest
 from teacher_service.service import TeacherService
 
 TEACHER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
+log = logging.getLogger("potstill.grpc")
 
-def _rpc(endpoint: str):
-    """Wrap a servicer method: metrics, and `TeacherError` turned into its status code."""
+
+async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None:
+    context.set_trailing_metadata(error.grpc_trailers())
+    await context.abort(error.grpc_code, error.grpc_details())
+
+
+def _rpc(endpoint: str, request_type: type):
+    """Wrap a servicer method: the request parsed from bytes, metrics, and every error turned into
+    its status code (a server bug into INTERNAL)."""
 
     def decorate(method):
         @functools.wraps(method)
-        async def handle(self: TeacherServicer, request, context: grpc.aio.ServicerContext):
+        async def handle(self: TeacherServicer, request_bytes: bytes, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
             outcome = "OK"
             try:
-                return await method(self, request, context)
+                return await method(self, wire.decode_request(request_type, request_bytes), context)
             except TeacherError as error:
                 outcome = error.grpc_code.name
-                await context.abort(error.grpc_code, error.grpc_details())
+                await _abort(context, error)
+            except asyncio.CancelledError:  # the client hung up or its deadline passed
+                outcome = grpc.StatusCode.CANCELLED.name
+                raise
+            except Exception as error:
+                log.exception("unexpected error answering %s", endpoint)
+                outcome = grpc.StatusCode.INTERNAL.name
+                await _abort(context, unexpected(error))
             finally:
                 metrics = self.service.metrics
                 metrics.requests.labels(endpoint, "grpc", outcome).inc()
@@ -53,51 +73,70 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def __init__(self, service: TeacherService):
         self.service = service
 
-    @_rpc("GetModelInfo")
+    @_rpc("GetModelInfo", pb.ModelInfoRequest)
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
         return wire.model_info_pb(self.service.model_info())
 
-    @_rpc("Score")
+    @_rpc("Score", pb.ScoreRequest)
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         parsed = self.service.parse(ScoreRequest, wire.score_request_data(request))
         return wire.score_response_pb(await self.service.score(parsed))
 
-    @_rpc("Generate")
+    @_rpc("Generate", pb.GenerateRequest)
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         parsed = self.service.parse(GenerateRequest, wire.generate_request_data(request))
         return wire.generate_response_pb(await self.service.generate(parsed))
 
 
+def _method_handlers(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
+    """The Teacher service's handlers taking raw bytes (no deserializer): `_rpc` parses them, so
+    garbage is the caller's INVALID_ARGUMENT rather than gRPC's own failure."""
+    methods = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), response_serializer=lambda m: m.SerializeToString())
+        for name in pb.DESCRIPTOR.services_by_name["Teacher"].methods_by_name
+    }
+    return grpc.method_handlers_generic_handler(TEACHER_SERVICE_NAME, methods)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls to the Teacher service without `authorization: Bearer <key>` metadata.
+    """Refuses calls without `authorization: Bearer <key>` metadata (the scheme in any case).
 
-    Health checks stay open, so orchestrators can probe without the key.
-    """
+    Health checks stay open, so orchestrators can probe without the key; reflection too when
+    `open_reflection` (the operator chose to publish the API)."""
 
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, api_key: str, open_reflection: bool = False):
+        self._api_key = api_key
+        self._open = {HEALTH_SERVICE_NAME, *([reflection.SERVICE_NAME] if open_reflection else [])}
 
     async def intercept_service(self, continuation, handler_call_details):
-        if not handler_call_details.method.startswith(f"/{TEACHER_SERVICE_NAME}/"):
-            return await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
         sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if secrets.compare_digest(sent.encode(), self._expected):
+        if service in self._open or bearer_matches(sent, self._api_key):
             return await continuation(handler_call_details)
-        return _refusal(Unauthenticated("missing or wrong API key: send metadata 'authorization: Bearer <key>'"))
+        error = Unauthenticated("missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+        return _refusal(error, streaming=service != TEACHER_SERVICE_NAME)
 
 
-def _refusal(error: TeacherError) -> grpc.RpcMethodHandler:
+def _refusal(error: TeacherError, streaming: bool) -> grpc.RpcMethodHandler:
+    """A handler that only refuses; reflection's one method streams both ways, the Teacher's are unary."""
+
     async def refuse(request, context: grpc.aio.ServicerContext):
-        await context.abort(error.grpc_code, error.grpc_details())
+        await _abort(context, error)
 
+    if streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 class GrpcTeacherServer:
     """The gRPC server of one service: Teacher, health and reflection on one port."""
 
-    def __init__(self, service: TeacherService, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    def __init__(
+        self, service: TeacherService, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        open_reflection: bool = False,
+    ):
+        require_usable_key(api_key)
+        interceptors = [ApiKeyInterceptor(api_key, open_reflection)] if api_key is not None else []
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -105,11 +144,11 @@ class GrpcTeacherServer:
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
         )
-        teacher_pb2_grpc.add_TeacherServicer_to_server(TeacherServicer(service), self.server)
+        self.server.add_generic_rpc_handlers((_method_handlers(TeacherServicer(service)),))
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (TEACHER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (TEACHER_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
         )
 

@@ -2,28 +2,46 @@
 
 Bodies are JSON unless the request's Content-Type is `application/x-protobuf`; answers are JSON
 unless its Accept header asks for `application/x-protobuf`. Every `TeacherError` becomes its
-status code with a JSON body `{"error": {"type", "message", "field"}}`.
+status code with a JSON body `{"error": {"type", "message", "field"}}`, and so does anything
+else a handler raises (500, logged once); a client that hangs up is no error at all.
+The published OpenAPI document carries the request schemas of `protocol`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import secrets
+import logging
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+from starlette.requests import ClientDisconnect
 
 from potstill.v1 import teacher_pb2 as pb
 from teacher_service import wire
-from teacher_service.errors import InvalidRequest, RequestTooLarge, TeacherError, Unauthenticated
+from teacher_service.auth import bearer_matches, require_usable_key
+from teacher_service.errors import InvalidRequest, RequestTimeout, RequestTooLarge, TeacherError, Unauthenticated, unexpected
 from teacher_service.openai_compat import OpenAICompat
 from teacher_service.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, ScoreRequest
 from teacher_service.service import TeacherService
 
 PROTOBUF = "application/x-protobuf"
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
+# What each POST route reads from its body, published in /openapi.json.
+REQUEST_SCHEMAS = {
+    "/v1/score": ScoreRequest,
+    "/v1/generate": GenerateRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up: counted, never sent
+
+log = logging.getLogger("potstill.http")
 
 
 def build_app(
@@ -31,22 +49,40 @@ def build_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics_need_api_key: bool = False,
+    docs_without_api_key: bool = False,
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
-    app = FastAPI(title="Potstill teacher", version="1")
+    require_usable_key(api_key)
+    docs_open = api_key is None or docs_without_api_key
+    # With a key, the schema is for callers holding it, and the browser page (which cannot send it) is off.
+    app = FastAPI(
+        title="Potstill teacher", version="1", openapi_url="/openapi.json" if docs_open else None,
+        docs_url="/docs" if docs_open else None, redoc_url=None,
+    )
+    app.openapi = lambda: _openapi_with_request_schemas(app)
     app.state.service = service
     app.state.openai = OpenAICompat(service)
     app.state.max_body_bytes = max_body_bytes
+    app.state.body_timeout_seconds = body_timeout_seconds
     authenticated = [Depends(_require_api_key(api_key))]
     app.include_router(_open_routes)
     # Prometheus scrapes without credentials unless the operator asks otherwise.
     app.include_router(_metrics_routes, dependencies=authenticated if metrics_need_api_key else [])
     app.include_router(_model_routes, dependencies=authenticated)
+    if not docs_open:
+        app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), include_in_schema=False, dependencies=authenticated)
     app.add_exception_handler(TeacherError, _teacher_error_response)
 
     @app.middleware("http")
-    async def record_metrics(request: Request, call_next):
+    async def answer_every_error_and_record_metrics(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except ClientDisconnect:  # nobody to answer; not worth a traceback either
+            response = Response(status_code=CLIENT_CLOSED)
+        except Exception as error:
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            response = await _teacher_error_response(request, unexpected(error))
         route = request.scope.get("route")
         endpoint = route.path if route is not None else "unmatched"
         service.metrics.requests.labels(endpoint, "http", str(response.status_code)).inc()
@@ -57,18 +93,34 @@ def build_app(
 
 
 async def _teacher_error_response(request: Request, error: TeacherError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.http_status)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse(error.to_json(), status_code=error.http_status, headers=headers)
 
 
 def _require_api_key(api_key: str | None):
     async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+        if api_key is not None and not bearer_matches(request.headers.get("authorization", ""), api_key):
             raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     return check
+
+
+def _openapi_with_request_schemas(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request body schema of each POST route (the routes read their
+    bodies themselves, to accept protobuf too, so FastAPI cannot see them)."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, definitions = models_json_schema(
+            [(model, "validation") for model in REQUEST_SCHEMAS.values()], ref_template="#/components/schemas/{model}"
+        )
+        document.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        for path, model in REQUEST_SCHEMAS.items():
+            document["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 # --- request and response conversion ---
@@ -80,11 +132,16 @@ async def _read_body(request: Request) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"body of {declared} bytes exceeds the limit of {limit}", field="body")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
-        chunks.append(chunk)
+    timeout = request.app.state.body_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout):  # a client trickling its body must not hold a connection forever
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(f"body exceeds the limit of {limit} bytes", field="body")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout} s", field="body") from None
     return b"".join(chunks)
 
 

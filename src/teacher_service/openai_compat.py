@@ -30,7 +30,7 @@ class OpenAICompat:
         self.service = service
 
     async def completions(self, request: CompletionRequest) -> dict[str, Any]:
-        prompt_ids = self.service.prompt_ids(request.prompt)
+        prompt_ids = await self.service.prompt_ids(request.prompt)
         self._check_fits(prompt_ids, request.max_tokens, "prompt")
         k = request.logprobs
         prompt_view = await self._prompt_view(prompt_ids, request, k)
@@ -58,7 +58,7 @@ class OpenAICompat:
         return _envelope("cmpl", "text_completion", self.service.settings.model, choices, len(prompt_ids), completion_tokens)
 
     async def chat_completions(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        prompt_ids = self.service.prompt_ids(request.messages)
+        prompt_ids = await self.service.prompt_ids(request.messages)
         max_tokens = request.max_completion_tokens or request.max_tokens or 16
         self._check_fits(prompt_ids, max_tokens, "messages")
         generate = self.service.parse(

@@ -30,6 +30,13 @@ from pydantic import (
 from teacher_service.errors import from_validation_error
 
 
+# A text longer than this many characters per context token cannot fit the context in practice.
+CHARS_PER_TOKEN_BOUND = 32
+# Far below this, logits / temperature overflow float32 and the log-probs turn to NaN. About 1.5e-5
+# (vLLM's epsilon is 1e-5); a power of two, so the float32 field of protobuf requests holds it exactly.
+MIN_TEMPERATURE = 2.0**-16
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one teacher accepts; `vocab_size` and `max_model_len` come from the loaded model."""
@@ -40,6 +47,13 @@ class Limits:
     max_samples: int = 16
     max_new_tokens: int = 512
     max_batch: int = 256
+    max_prompt_chars: int | None = None  # none: CHARS_PER_TOKEN_BOUND x max_model_len
+
+    @property
+    def prompt_chars(self) -> int:
+        """The most characters a text may have: checked before tokenising, so a huge text never
+        reaches the tokenizer (it would hold the CPU and the memory for minutes)."""
+        return self.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_model_len
 
 
 class StrictModel(BaseModel):
@@ -57,8 +71,36 @@ def _within_vocabulary(ids: list[int], info: ValidationInfo) -> list[int]:
     return ids
 
 
+def _short_enough(text: str, info: ValidationInfo) -> str:
+    limit = _limits(info).prompt_chars
+    if len(text) > limit:
+        raise ValueError(f"{len(text)} characters exceed this teacher's limit of {limit} (max_prompt_chars)")
+    return text
+
+
+def _chat_short_enough(messages: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
+    _short_enough("".join(message.content for message in messages), info)
+    return messages
+
+
+def _zero_or_at_least_minimum(temperature: float) -> float:
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return temperature
+
+
+def _not_streamed(stream: bool) -> bool:
+    if stream:
+        raise ValueError("streaming is not supported; send false or leave it out")
+    return stream
+
+
 TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), AfterValidator(_within_vocabulary)]
-NonEmptyText = Annotated[str, Field(min_length=1)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_short_enough)]
+# Sampling: 0 decodes greedily; between 0 and MIN_TEMPERATURE the arithmetic would not hold.
+SamplingTemperature = Annotated[float, Field(ge=0, le=100), AfterValidator(_zero_or_at_least_minimum)]
+# Strictly a boolean (1 or "false" are refused), and only false: answers are never streamed.
+NoStream = Annotated[bool, AfterValidator(_not_streamed)]
 
 
 class ChatMessage(StrictModel):
@@ -66,7 +108,7 @@ class ChatMessage(StrictModel):
     content: str
 
 
-ChatPrompt = Annotated[list[ChatMessage], Field(min_length=1)]
+ChatPrompt = Annotated[list[ChatMessage], Field(min_length=1), AfterValidator(_chat_short_enough)]
 
 
 def _input_kind(value: Any) -> str | None:
@@ -122,7 +164,7 @@ class ScoreSequence(StrictModel):
 class ScoreRequest(StrictModel):
     sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences scored independently.")
     top_logprobs: int = Field(0, ge=0, description="k: most likely tokens returned per position.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature on the logits.")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=100, description="Softmax temperature on the logits.")
 
     _k_limit = field_validator("top_logprobs")(_at_most("max_top_logprobs"))
     _batch_limit = field_validator("sequences")(_check_batch)
@@ -132,7 +174,7 @@ class GenerateRequest(StrictModel):
     prompts: list[Prompt] = Field(min_length=1)
     n: int = Field(1, ge=1, description="Samples per prompt.")
     max_tokens: int = Field(16, ge=1, description="Most tokens generated per sample.")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 decodes greedily.")
+    temperature: SamplingTemperature = Field(1.0, description="0 decodes greedily.")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Makes the samples reproducible.")
     top_logprobs: int = Field(0, ge=0)
@@ -150,13 +192,13 @@ class CompletionRequest(StrictModel):
     model: str | None = None
     prompt: _one_of(("text", NonEmptyText), ("token_ids", TokenIdList))
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=100)
+    temperature: SamplingTemperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     logprobs: int | None = Field(None, ge=0, description="Top-k log-probs per token (OpenAI: at most 5; here up to max_top_logprobs).")
     echo: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: Literal[False] = False
+    stream: NoStream = False
     prompt_logprobs: int | None = Field(None, ge=0, description="vLLM extension: top-k log-probs at each prompt position.")
     return_token_ids: bool = Field(False, description="vLLM extension: choices[].token_ids and prompt_token_ids in the answer.")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: logprobs tokens written 'token_id:N'.")
@@ -172,13 +214,13 @@ class ChatCompletionRequest(StrictModel):
     messages: ChatPrompt
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
+    temperature: SamplingTemperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: Literal[False] = False
+    stream: NoStream = False
     user: str | None = None
 
     _n_limit = field_validator("n")(_at_most("max_samples"))

@@ -3,7 +3,9 @@
 Both servers start listening before the model loads (so /health/ready answers 503 and the gRPC
 health service NOT_SERVING meanwhile; /health/live answers 200 throughout). SIGTERM or SIGINT
 turns readiness false at once, keeps answering for `drain_delay_seconds`, then stops accepting
-new requests and lets the ones in flight finish within the grace period, then exits.
+new requests and lets the ones in flight finish within the grace period. Requests still waiting
+for the model when it ends are answered 503 / UNAVAILABLE (clients retry them elsewhere); the
+batch on the model finishes (so exit can follow grace by one batch), then the process exits.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from teacher_service.http_server import build_app
 from teacher_service.service import ServiceSettings, TeacherService
 
 log = logging.getLogger("potstill.serve")
+# After the grace period: time for the 503s of abandoned requests (and the batch on the model) to go out.
+SHUTDOWN_ANSWER_SECONDS = 1.0
 
 
 def _matching(settings_type, source):
@@ -53,16 +57,23 @@ class TeacherServer:
     def __init__(self, options: ServeOptions):
         self.options = options
         self.service = TeacherService(_matching(ServiceSettings, options))
-        self.grpc = GrpcTeacherServer(self.service, options.api_key, options.max_message_bytes)
+        self.grpc = GrpcTeacherServer(
+            self.service, options.api_key, options.max_message_bytes, open_reflection=options.docs_without_api_key
+        )
         self._http_socket = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
         self._http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._http_socket.bind((options.host, options.http_port))
         self.http_port = self._http_socket.getsockname()[1]
         tls = (Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes()) if options.tls else None
         self.grpc_port = self.grpc.bind(options.host, options.grpc_port, tls)
-        app = build_app(self.service, options.api_key, options.max_body_bytes, options.metrics_need_api_key)
+        app = build_app(
+            self.service, options.api_key, options.max_body_bytes, options.metrics_need_api_key,
+            options.docs_without_api_key, options.body_timeout_seconds,
+        )
         config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=int(options.grace_seconds), lifespan="off",
+            app, log_level="warning", lifespan="off", limit_concurrency=options.max_connections,
+            # Past grace, queued requests are answered 503 by `stop`; this bounds the batch on the model.
+            timeout_graceful_shutdown=options.grace_seconds + SHUTDOWN_ANSWER_SECONDS,
             ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key,
         )
         self.http = _UvicornWithoutSignals(config)
@@ -93,7 +104,11 @@ class TeacherServer:
         await self.grpc.set_serving(False)
         await asyncio.sleep(self.options.drain_delay_seconds)
         self.http.should_exit = True
-        await asyncio.gather(self.grpc.stop(self.options.grace_seconds), self._http_task or asyncio.sleep(0))
+        grace = self.options.grace_seconds
+        stopping = [asyncio.create_task(self.grpc.stop(grace + SHUTDOWN_ANSWER_SECONDS)), self._http_task or asyncio.create_task(asyncio.sleep(0))]
+        await asyncio.wait(stopping, timeout=grace)
+        self.service.abandon_queued()
+        await asyncio.gather(*stopping)
         await asyncio.to_thread(self.service.close)
 
 

@@ -9,6 +9,7 @@ Backend calls run on one worker thread, in arrival order; the number of requests
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ class ServiceSettings:
     max_new_tokens: int = Limits.max_new_tokens
     max_batch: int = Limits.max_batch
     max_queued_requests: int = 64
+    max_prompt_chars: int | None = None
 
 
 class TeacherService:
@@ -52,6 +54,8 @@ class TeacherService:
         self._limits: Limits | None = None
         self._admitted = 0
         self._draining = False
+        self._queued: set[concurrent.futures.Future] = set()
+        self._abandoned = False
         # One thread: the model runs one batch at a time, and callers never share a forward pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-backend")
 
@@ -67,6 +71,7 @@ class TeacherService:
             max_samples=self.settings.max_samples,
             max_new_tokens=self.settings.max_new_tokens,
             max_batch=self.settings.max_batch,
+            max_prompt_chars=self.settings.max_prompt_chars,
         )
         self._backend = backend
 
@@ -82,6 +87,13 @@ class TeacherService:
     def begin_drain(self) -> None:
         """Report not ready from now on (requests are still answered until the servers stop)."""
         self._draining = True
+
+    def abandon_queued(self) -> None:
+        """Answer every request still waiting for the model with `BackendUnavailable` (503 /
+        UNAVAILABLE, which clients retry elsewhere); the batch on the model finishes."""
+        self._abandoned = True
+        for future in list(self._queued):
+            future.cancel()
 
     def close(self) -> None:
         self._backend = None
@@ -115,7 +127,7 @@ class TeacherService:
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         backend = self._require_backend()
         items = [
-            ScoreItem(self.prompt_ids(s.prompt), self._completion_ids(s.completion))
+            ScoreItem(await self.prompt_ids(s.prompt), await self._completion_ids(s.completion))
             for s in request.sequences
         ]
         for index, item in enumerate(items):
@@ -128,7 +140,7 @@ class TeacherService:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         backend = self._require_backend()
-        prompts = [self.prompt_ids(prompt) for prompt in request.prompts]
+        prompts = [await self.prompt_ids(prompt) for prompt in request.prompts]
         for index, prompt in enumerate(prompts):
             self._check_length(len(prompt) + request.max_tokens, f"prompts.{index}")
         params = SamplingParams(
@@ -148,16 +160,20 @@ class TeacherService:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_backend().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def prompt_ids(self, prompt: str | list) -> list[int]:
+    async def prompt_ids(self, prompt: str | list) -> list[int]:
+        """Token ids of a prompt. Tokenising runs on a thread: a long text must not hold the event
+        loop (health checks and every other request wait on it)."""
         backend = self._require_backend()
         if isinstance(prompt, str):
-            return backend.encode(prompt)
+            return await asyncio.to_thread(backend.encode, prompt)
         if isinstance(prompt[0], ChatMessage):
-            return backend.encode_chat([message.model_dump() for message in prompt])
+            return await asyncio.to_thread(backend.encode_chat, [message.model_dump() for message in prompt])
         return prompt
 
-    def _completion_ids(self, completion: str | list[int]) -> list[int]:
-        return self._require_backend().encode_continuation(completion) if isinstance(completion, str) else completion
+    async def _completion_ids(self, completion: str | list[int]) -> list[int]:
+        if isinstance(completion, str):
+            return await asyncio.to_thread(self._require_backend().encode_continuation, completion)
+        return completion
 
     def _check_length(self, tokens: int, field: str) -> None:
         if tokens > self.limits.max_model_len:
@@ -175,9 +191,16 @@ class TeacherService:
         self._admitted += 1
         self.metrics.queue_depth.set(self._admitted)
         started = time.perf_counter()
+        future = self._executor.submit(function, *args)
+        self._queued.add(future)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not (future.cancelled() and self._abandoned):
+                raise
+            raise BackendUnavailable("the teacher shut down before this request reached the model; retry") from None
         finally:
+            self._queued.discard(future)
             self._admitted -= 1
             self.metrics.queue_depth.set(self._admitted)
             self.metrics.backend_seconds.labels(endpoint).observe(time.perf_counter() - started)

@@ -260,7 +260,7 @@ class TeacherPool:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         probe_initial: float = 0.5,
-        probe_max: float = 30.0,
+        probe_max: float = 5.0,
         probe_timeout: float = 10.0,
     ):
         self._groups = {group.name: group for group in groups}
@@ -378,10 +378,12 @@ class TeacherPool:
         """The live replica with the fewest requests in flight (untried ones first); probes dead ones that are due."""
         if self._closed:
             raise RuntimeError("the teacher pool is closed")
-        due = [e for e in group.endpoints if not e.alive and e.next_probe <= time.monotonic() and e.probing is None]
+        alive = group.alive
+        # With no replica alive, every dead one is probed now: a teacher back from an outage is
+        # used again within one retry delay, not after its probe backoff.
+        due = [e for e in group.endpoints if not e.alive and e.probing is None and (not alive or e.next_probe <= time.monotonic())]
         for endpoint in due:
             endpoint.probing = asyncio.create_task(self._probe(endpoint))
-        alive = group.alive
         if not alive:
             probes = [e.probing for e in group.endpoints if e.probing is not None]
             if probes:

@@ -16,12 +16,15 @@ bodies of /v1/score and /v1/generate, answers are `teacher_service.protocol` res
 arrays. Every failure is one of two exceptions:
 
 - `TeacherUnavailable`: transient, worth retrying or failing over (connection refused or reset,
-  timeout, HTTP 429/502/503/504, gRPC UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED /
-  CANCELLED / ABORTED). `overloaded` is True when the teacher is up but refused for load.
-- `TeacherRequestError`: the teacher refused or failed this request (HTTP 4xx, gRPC
-  INVALID_ARGUMENT / UNAUTHENTICATED / ...), with the server's message and field. A server fault
-  (HTTP 500, gRPC INTERNAL) is reported the same way: the same request would fail again on any
-  replica, and a training step must fail loudly rather than wait forever.
+  timeout, HTTP 408/429/5xx, gRPC UNAVAILABLE / RESOURCE_EXHAUSTED (overload) / DEADLINE_EXCEEDED /
+  CANCELLED / ABORTED / UNKNOWN / INTERNAL). `overloaded` is True when the teacher is up but
+  refused for load. A server fault counts as transient: a replica shutting down or a crashed
+  handler must not end a training run; a fault that persists ends it after the pool's `max_wait`.
+- `TeacherRequestError`: the teacher refused this request (HTTP 4xx, gRPC INVALID_ARGUMENT /
+  UNAUTHENTICATED / ...), with the server's message and field: it would be refused anywhere.
+
+Potstill teachers send the error's kind (and field) in gRPC trailing metadata; the client
+classifies by it (`_KIND_TRANSIENT`), by the status code only where a server sends none.
 """
 
 from __future__ import annotations
@@ -84,13 +87,20 @@ class TeacherRequestError(TeacherClientError):
     """The teacher refused (or failed on) this request; retrying it elsewhere would not help."""
 
 
-_TRANSIENT_HTTP = {408: False, 429: True, 502: False, 503: False, 504: False}  # status -> overloaded
+_TRANSIENT_HTTP = {408: False, 429: True, 500: False, 502: False, 503: False, 504: False}  # status -> overloaded
+# The kinds of teacher_service.errors (not imported: a trainer node does not install the server):
+# kind -> overloaded, for the transient ones; any other kind is the request's own fault.
+_KIND_METADATA, _FIELD_METADATA = "potstill-error-kind", "potstill-error-field"
+_KIND_TRANSIENT = {"overloaded": True, "unavailable": False, "internal_error": False, "request_timeout": False}
+# Servers that send no kind: by status code. RESOURCE_EXHAUSTED without a kind is gRPC's own
+# message size limit, which the same request would hit again anywhere.
 _TRANSIENT_GRPC = {
     grpc.StatusCode.UNAVAILABLE: False,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: True,
     grpc.StatusCode.DEADLINE_EXCEEDED: False,
     grpc.StatusCode.CANCELLED: False,
     grpc.StatusCode.ABORTED: False,
+    grpc.StatusCode.UNKNOWN: False,
+    grpc.StatusCode.INTERNAL: False,
 }
 # How the teacher service words gRPC details: "field: message" (teacher_service.errors.grpc_details).
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.DOTALL)
@@ -98,12 +108,18 @@ _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.DOTALL)
 
 def _grpc_error(url: str, error: grpc.aio.AioRpcError) -> TeacherClientError:
     details = error.details() or error.code().name
-    match = _FIELD_PREFIX.match(details)
-    field, message = (match.group(1), match.group(2)) if match else (None, details)
-    message = f"{message} ({error.code().name})"
-    # gRPC's own size limit is RESOURCE_EXHAUSTED too, but the same message never fits later.
-    if error.code() in _TRANSIENT_GRPC and "larger than max" not in details:
-        return TeacherUnavailable(message, url=url, field=field, overloaded=_TRANSIENT_GRPC[error.code()])
+    trailers = dict(error.trailing_metadata() or ())
+    field = trailers.get(_FIELD_METADATA)
+    if field and details.startswith(f"{field}: "):
+        details = details.removeprefix(f"{field}: ")
+    elif not trailers and (match := _FIELD_PREFIX.match(details)):  # an older teacher
+        field, details = match.group(1), match.group(2)
+    message = f"{details} ({error.code().name})"
+    kind = trailers.get(_KIND_METADATA)
+    transient = _KIND_TRANSIENT if kind is not None else _TRANSIENT_GRPC
+    key = kind if kind is not None else error.code()
+    if key in transient:
+        return TeacherUnavailable(message, url=url, field=field, overloaded=transient[key])
     return TeacherRequestError(message, url=url, field=field)
 
 

@@ -304,7 +304,7 @@ def test_a_teacher_without_prompt_logprobs_is_black_box_only(answer):
         asyncio.run(work())
 
 
-@pytest.mark.parametrize(("status", "error_type", "overloaded"), [(429, TeacherUnavailable, True), (503, TeacherUnavailable, False), (502, TeacherUnavailable, False), (500, TeacherRequestError, None), (404, TeacherRequestError, None)])
+@pytest.mark.parametrize(("status", "error_type", "overloaded"), [(429, TeacherUnavailable, True), (503, TeacherUnavailable, False), (502, TeacherUnavailable, False), (500, TeacherUnavailable, False), (404, TeacherRequestError, None)])
 def test_http_statuses_are_classified(status, error_type, overloaded):
     async def work():
         client = mock_openai(lambda path, body: (status, {"error": {"message": "nope", "field": "prompt"}}))
