@@ -31,6 +31,10 @@ def check_command(argv: list[str]) -> None:
     if argv[:3] == ["python", "-m", "potstill.toy"]:
         toy_parser().parse_args(argv[3:])
         return
+    if argv[0] == "torchrun":  # torchrun's own options, then the module it runs with its arguments
+        start = argv.index("-m")
+        assert argv[start + 1] == "potstill.cli", f"torchrun runs {argv[start + 1]}"
+        argv = ["potstill", *argv[start + 2 :]]
     assert argv[0] == "potstill", f"unexpected program in {argv}"
     arguments = argv[1:]
     try:
