@@ -1,18 +1,34 @@
-"""The API key check both transports share: `Authorization: Bearer <key>`, the scheme in any case."""
+"""The API key check both transports share: `Authorization: Bearer <key>`, the scheme in any case.
+
+A teacher may accept several keys (one per trainer or team, rotated one at a time); no keys
+means no authentication. A key file holds one key per line (blank lines and `#` comments are
+skipped); the environment variable `POTSTILL_API_KEYS` holds them separated by commas.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
+from collections.abc import Sequence
 
 
-def require_usable_key(api_key: str | None) -> None:
-    """Refuse a key that would let anyone in: empty or blank (None means no authentication)."""
-    if api_key is not None and not api_key.strip():
-        raise ValueError("the API key is empty: refusing to serve without authentication")
+def parse_keys(text: str) -> tuple[str, ...]:
+    """The keys in a key file's text or a comma-separated list, in order, blanks and comments skipped."""
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    return tuple(key for line in lines for key in re.split(r"[,\s]+", line) if key)
 
 
-def bearer_matches(header: str, api_key: str) -> bool:
-    """Whether an Authorization header carries `api_key` as its bearer token (RFC 7235: the
-    scheme is case-insensitive), compared in constant time."""
+def require_usable_keys(api_keys: Sequence[str]) -> None:
+    """Refuse a key that would let anyone in: an empty or blank one."""
+    if any(not key.strip() for key in api_keys):
+        raise ValueError("an API key is empty: refusing to serve without authentication")
+
+
+def bearer_matches(header: str, api_keys: Sequence[str]) -> bool:
+    """Whether an Authorization header carries one of `api_keys` as its bearer token (RFC 7235:
+    the scheme is case-insensitive). Every key is compared, each in constant time, so the time
+    taken tells nothing about which key nearly matched."""
     scheme, _, token = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+    sent = token.strip().encode()
+    matches = [secrets.compare_digest(sent, key.encode()) for key in api_keys]
+    return scheme.lower() == "bearer" and any(matches)

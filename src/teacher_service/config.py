@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from potstill.logs import LogFormat
 from potstill.usage import UsageError
-from teacher_service.auth import require_usable_key
+from teacher_service.auth import parse_keys, require_usable_keys
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from teacher_service.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
@@ -33,8 +33,13 @@ class ServeOptions(BaseModel):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype.")
-    api_key_file: str | None = Field(None, description="File holding the API key clients must send as a Bearer token.")
-    api_key: str | None = Field(None, exclude=True, repr=False, description="The key itself (read from api_key_file).")
+    api_key_file: str | None = Field(
+        None, description="File of API keys clients must send as a Bearer token, one per line (any one of them is accepted).",
+    )
+    api_keys: tuple[str, ...] = Field(
+        (), exclude=True, repr=False,
+        description="Accepted API keys, comma-separated in POTSTILL_API_KEYS (no flag: a command line is visible to every user).",
+    )
     tls_cert: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS and gRPC over TLS; needs tls_key.")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
     max_model_len: int | None = Field(None, ge=1, description="Cap on prompt + completion tokens (none: the model's own).")
@@ -65,11 +70,20 @@ class ServeOptions(BaseModel):
         "(by default /openapi.json and reflection need the key and /docs is off).",
     )
 
-    @field_validator("api_key")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _usable_key(cls, key: str | None) -> str | None:
-        require_usable_key(key)
-        return key
+    def _split_keys(cls, keys: object) -> object:
+        if not isinstance(keys, str):
+            return keys
+        if not parse_keys(keys):  # POTSTILL_API_KEYS set but blank: a mistake, never "no authentication"
+            raise ValueError("the API keys are empty: refusing to serve without authentication")
+        return parse_keys(keys)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        require_usable_keys(keys)
+        return keys
 
     @field_validator("backend")
     @classmethod
@@ -89,12 +103,12 @@ class ServeOptions(BaseModel):
     def tls(self) -> bool:
         return self.tls_cert is not None
 
-    def with_api_key(self) -> ServeOptions:
-        """These options with `api_key` read from `api_key_file` (when one is set)."""
+    def with_api_keys(self) -> ServeOptions:
+        """These options with the keys of `api_key_file` added (when one is set)."""
         if self.api_key_file is None:
             return self
         with open(self.api_key_file) as key_file:
-            key = key_file.read().strip()
-        if not key:
-            raise UsageError(f"--api-key-file {self.api_key_file} is empty: refusing to serve without authentication")
-        return ServeOptions(**{**self.model_dump(), "api_key": key})
+            keys = parse_keys(key_file.read())
+        if not keys:
+            raise UsageError(f"--api-key-file {self.api_key_file} holds no key: refusing to serve without authentication")
+        return ServeOptions(**{**self.model_dump(), "api_keys": self.api_keys + keys})

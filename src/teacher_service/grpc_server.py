@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
-from teacher_service.auth import bearer_matches, require_usable_key
+from teacher_service.auth import bearer_matches, require_usable_keys
 from teacher_service.errors import TeacherError, Unauthenticated, unexpected
 from teacher_service.protocol import GenerateRequest, ScoreRequest
 from teacher_service.service import TeacherService
@@ -104,14 +105,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     Health checks stay open, so orchestrators can probe without the key; reflection too when
     `open_reflection` (the operator chose to publish the API)."""
 
-    def __init__(self, api_key: str, open_reflection: bool = False):
-        self._api_key = api_key
+    def __init__(self, api_keys: Sequence[str], open_reflection: bool = False):
+        self._api_keys = tuple(api_keys)
         self._open = {HEALTH_SERVICE_NAME, *([reflection.SERVICE_NAME] if open_reflection else [])}
 
     async def intercept_service(self, continuation, handler_call_details):
         service = handler_call_details.method.lstrip("/").rpartition("/")[0]
         sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if service in self._open or bearer_matches(sent, self._api_key):
+        if service in self._open or bearer_matches(sent, self._api_keys):
             return await continuation(handler_call_details)
         error = Unauthenticated("missing or wrong API key: send metadata 'authorization: Bearer <key>'")
         return _refusal(error, streaming=service != TEACHER_SERVICE_NAME)
@@ -132,11 +133,11 @@ class GrpcTeacherServer:
     """The gRPC server of one service: Teacher, health and reflection on one port."""
 
     def __init__(
-        self, service: TeacherService, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        self, service: TeacherService, api_keys: Sequence[str] = (), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         open_reflection: bool = False,
     ):
-        require_usable_key(api_key)
-        interceptors = [ApiKeyInterceptor(api_key, open_reflection)] if api_key is not None else []
+        require_usable_keys(api_keys)
+        interceptors = [ApiKeyInterceptor(api_keys, open_reflection)] if api_keys else []
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[

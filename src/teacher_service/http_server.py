@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -23,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from potstill.v1 import teacher_pb2 as pb
 from teacher_service import wire
-from teacher_service.auth import bearer_matches, require_usable_key
+from teacher_service.auth import bearer_matches, require_usable_keys
 from teacher_service.errors import InvalidRequest, RequestTimeout, RequestTooLarge, TeacherError, Unauthenticated, unexpected
 from teacher_service.openai_compat import OpenAICompat
 from teacher_service.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, ScoreRequest
@@ -46,14 +47,14 @@ log = logging.getLogger("potstill.http")
 
 def build_app(
     service: TeacherService,
-    api_key: str | None = None,
+    api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics_need_api_key: bool = False,
     docs_without_api_key: bool = False,
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
-    require_usable_key(api_key)
-    docs_open = api_key is None or docs_without_api_key
+    require_usable_keys(api_keys)
+    docs_open = not api_keys or docs_without_api_key
     # With a key, the schema is for callers holding it, and the browser page (which cannot send it) is off.
     app = FastAPI(
         title="Potstill teacher", version="1", openapi_url="/openapi.json" if docs_open else None,
@@ -64,7 +65,7 @@ def build_app(
     app.state.openai = OpenAICompat(service)
     app.state.max_body_bytes = max_body_bytes
     app.state.body_timeout_seconds = body_timeout_seconds
-    authenticated = [Depends(_require_api_key(api_key))]
+    authenticated = [Depends(_require_api_key(tuple(api_keys)))]
     app.include_router(_open_routes)
     # Prometheus scrapes without credentials unless the operator asks otherwise.
     app.include_router(_metrics_routes, dependencies=authenticated if metrics_need_api_key else [])
@@ -97,9 +98,9 @@ async def _teacher_error_response(request: Request, error: TeacherError) -> JSON
     return JSONResponse(error.to_json(), status_code=error.http_status, headers=headers)
 
 
-def _require_api_key(api_key: str | None):
+def _require_api_key(api_keys: tuple[str, ...]):
     async def check(request: Request) -> None:
-        if api_key is not None and not bearer_matches(request.headers.get("authorization", ""), api_key):
+        if api_keys and not bearer_matches(request.headers.get("authorization", ""), api_keys):
             raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     return check

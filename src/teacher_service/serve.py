@@ -58,7 +58,7 @@ class TeacherServer:
         self.options = options
         self.service = TeacherService(_matching(ServiceSettings, options))
         self.grpc = GrpcTeacherServer(
-            self.service, options.api_key, options.max_message_bytes, open_reflection=options.docs_without_api_key
+            self.service, options.api_keys, options.max_message_bytes, open_reflection=options.docs_without_api_key
         )
         self._http_socket = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)
         self._http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,7 +67,7 @@ class TeacherServer:
         tls = (Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes()) if options.tls else None
         self.grpc_port = self.grpc.bind(options.host, options.grpc_port, tls)
         app = build_app(
-            self.service, options.api_key, options.max_body_bytes, options.metrics_need_api_key,
+            self.service, options.api_keys, options.max_body_bytes, options.metrics_need_api_key,
             options.docs_without_api_key, options.body_timeout_seconds,
         )
         config = uvicorn.Config(
@@ -135,11 +135,11 @@ async def serve_until_signalled(options: ServeOptions) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of settings (keys as the flags); environment variables and flags override it")
-    add_schema_arguments(parser, ServeOptions, skip={"api_key"}, env_prefix=ENV_PREFIX)
+    add_schema_arguments(parser, ServeOptions, skip={"api_keys"}, env_prefix=ENV_PREFIX)
 
 
 def main(args: argparse.Namespace) -> None:
-    options = ServeOptions(**settings_values(args, ServeOptions, args.config, ENV_PREFIX)).with_api_key()
+    options = ServeOptions(**settings_values(args, ServeOptions, args.config, ENV_PREFIX)).with_api_keys()
     configure_logging(options.log_format)
     asyncio.run(serve_until_signalled(options))
     # Every request has been answered; skip the interpreter's teardown of torch and transformers

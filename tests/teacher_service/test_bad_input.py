@@ -398,7 +398,7 @@ def wait_for_http(teacher: BackgroundTeacher, timeout: float = 60) -> httpx.Resp
 
 def test_api_key_is_required_where_configured(start_teacher):
     key = "s3cret-key"
-    with start_teacher(api_key=key) as server:
+    with start_teacher(api_keys=(key,)) as server:
         good = {"Authorization": f"Bearer {key}"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": f"Basic {key}"}):
             response = httpx.post(server.http_url + "/v1/score", json=score(), headers=headers)

@@ -300,18 +300,18 @@ def test_the_grace_period_keeps_its_fraction(tiny_model_dir):
 def test_an_empty_key_file_refuses_to_start(tiny_model_dir, tmp_path, content):
     key_file = tmp_path / "key"
     key_file.write_text(content)
-    with pytest.raises(UsageError, match="empty"):
-        ServeOptions(model=tiny_model_dir, api_key_file=str(key_file)).with_api_key()
+    with pytest.raises(UsageError, match="holds no key"):
+        ServeOptions(model=tiny_model_dir, api_key_file=str(key_file)).with_api_keys()
     with pytest.raises(ValueError, match="empty"):
-        ServeOptions(model=tiny_model_dir, api_key=content)
+        ServeOptions(model=tiny_model_dir, api_keys=content)  # as POTSTILL_API_KEYS gives it
     with pytest.raises(ValueError, match="empty"):
-        build_app(TeacherService(ServiceSettings(model="m", backend="hf")), api_key=content)
+        build_app(TeacherService(ServiceSettings(model="m", backend="hf")), api_keys=(content,))
 
 
 def test_documents_and_reflection_need_the_key_unless_opened(start_teacher):
     key = "k3y"
     for opened in (False, True):
-        with start_teacher(api_key=key, docs_without_api_key=opened) as server:
+        with start_teacher(api_keys=(key,), docs_without_api_key=opened) as server:
             assert (httpx.get(server.http_url + "/openapi.json").status_code == 200) is opened
             assert (httpx.get(server.http_url + "/docs").status_code == 200) is opened
             authorised = httpx.get(server.http_url + "/openapi.json", headers={"Authorization": f"Bearer {key}"})
@@ -328,7 +328,7 @@ def test_documents_and_reflection_need_the_key_unless_opened(start_teacher):
 
 
 def test_grpc_takes_the_bearer_scheme_in_any_case(start_teacher):
-    with start_teacher(api_key="k3y") as server, grpc.insecure_channel(grpc_target(server)) as channel:
+    with start_teacher(api_keys=("k3y",)) as server, grpc.insecure_channel(grpc_target(server)) as channel:
         stub = teacher_pb2_grpc.TeacherStub(channel)
         for scheme in ("bearer", "BEARER", "Bearer"):
             assert stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", f"{scheme} k3y")]).vocab_size > 0

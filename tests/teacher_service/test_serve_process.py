@@ -150,9 +150,10 @@ def test_serve_answers_and_drains_on_sigterm(tiny_model_dir, tmp_path):
         drain_on_sigterm(server)
 
 
-def test_serve_with_an_api_key_file(tiny_model_dir, tmp_path):
+def test_serve_with_an_api_key_file(tiny_model_dir, tmp_path, monkeypatch):
     key_file = tmp_path / "api-key"
-    key_file.write_text("file-key-123\n")  # surrounding whitespace is not part of the key
+    key_file.write_text("# trainers of team A\nfile-key-123\n  team-b-key  \n")  # surrounding whitespace is not part of a key
+    monkeypatch.setenv("POTSTILL_API_KEYS", "env-key-1,env-key-2")  # more keys, from the environment
     with serve(tiny_model_dir, tmp_path, "--api-key-file", str(key_file)) as server:
         good = {"Authorization": "Bearer file-key-123"}
         assert httpx.get(server.http_url + "/health").status_code == 200
@@ -166,6 +167,12 @@ def test_serve_with_an_api_key_file(tiny_model_dir, tmp_path):
                 stub.GetModelInfo(pb.ModelInfoRequest())
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", "Bearer file-key-123")]).vocab_size == 384
+            for key in ("team-b-key", "env-key-1", "env-key-2"):
+                bearer = {"Authorization": f"Bearer {key}"}
+                assert httpx.post(server.http_url + "/v1/score", json=SCORE, headers=bearer).status_code == 200, key
+                assert stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", f"Bearer {key}")]).vocab_size == 384
+            for wrong in ("# trainers", "env-key-1,env-key-2", "team-b"):
+                assert httpx.post(server.http_url + "/v1/score", json=SCORE, headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
         drain_on_sigterm(server, api_key="file-key-123")
 
 

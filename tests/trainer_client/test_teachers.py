@@ -185,7 +185,7 @@ def test_a_stopped_teacher_is_unavailable(tiny_model_dir):
 
 
 def test_api_key_is_sent_by_every_client(tiny_model_dir, tokenizer):
-    options = ServeOptions(model=tiny_model_dir, http_port=0, grpc_port=0, api_key="s3cret")
+    options = ServeOptions(model=tiny_model_dir, http_port=0, grpc_port=0, api_keys=("s3cret",))
     with BackgroundTeacher(options) as locked:
 
         async def attempt(clients):
