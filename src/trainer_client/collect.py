@@ -7,9 +7,10 @@ every answer it needs: top-k scores of the data's completions (logit-kd), n samp
 references scored at temperature 1 for the run's evaluation.
 
 Rows are taken in data order, `--shard-rows` per shard. A shard's batches are all sent at once;
-the pool spreads them over the replicas of each teacher. A finished shard is written and listed
-in the manifest before the next one starts, so after Ctrl-C or a crash the same command keeps
-the finished shards (checked by SHA-256) and redoes the rest: no row is collected twice or lost.
+the pool spreads them over the replicas of each teacher. Shards are written and listed in the
+manifest one by one, in order (each while the next one's requests are out), so after Ctrl-C or
+a crash the same command keeps the finished shards (checked by SHA-256) and redoes the rest:
+no row is collected twice or lost.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,14 +116,24 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
             total = None if None in sizes.values() else sum(sizes.values())
             task = bar.add_task("collect", total=total, completed=sum(s.rows[1] - s.rows[0] for s in manifest.shards))
             try:
+                # A shard's answers are written while the next shard's requests are already out.
+                previous = None
                 for plan, rows in (item for part, rows in parts.items() for item in shards(part, rows, options.shard_rows, done)):
-                    entries = runner.run(_answers(config, tokens, runner.pool, plan, rows, lambda n: bar.advance(task, n)))
-                    manifest.add(options.output, plan.file, plan.part, (plan.start, plan.end), entries)
+                    answers = runner.submit(_answers(config, tokens, runner.pool, plan, rows, lambda n: bar.advance(task, n)))
+                    if previous:
+                        _store(options.output, manifest, *previous)
+                    previous = plan, answers
+                if previous:
+                    _store(options.output, manifest, *previous)
             except KeyboardInterrupt:
                 print(f"interrupted: the {len(manifest.shards)} finished shards are kept in {options.output}; "
                       "run the same command again to finish")
                 raise
         return CollectResult(manifest, runner.pool.stats())
+
+
+def _store(directory: Path, manifest: Manifest, plan: ShardPlan, answers: Future) -> None:
+    manifest.add(directory, plan.file, plan.part, (plan.start, plan.end), answers.result())
 
 
 async def _answers(config: TrainConfig, tokens: StudentTokens, pool, plan: ShardPlan, rows: list[Row], advance) -> list[Entry]:
