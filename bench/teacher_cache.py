@@ -5,14 +5,15 @@
 The demo's setup, with models of the toy world's sizes built on the spot (random weights: speed
 does not depend on them): two `potstill serve` processes of a 2-layer 128-wide teacher, one
 thread each, and a 2-layer 96-wide student trained with batches of 128. In one run:
-1. collect: `potstill collect` of logit-kd top-20 scores over every row, timed (twice: the first
-   pays the process's one-time imports), against the same requests sent through the same pool
-   with nothing recorded or written (plain scoring);
+1. collect: `potstill collect` of logit-kd top-20 scores over every row, timed, against the same
+   requests sent through the same pool with nothing recorded or written (plain scoring),
+   alternating `--repeats` times after a first collect that pays the one-time imports;
 2. the cache's size per 1,000 token positions, stored as float32 / float16 values and 32-bit /
    packed ids (the collected shards, re-encoded in each format), for the toy's short answers
    and for 64-token completions;
-3. training: the same logit-kd run with the live teachers (prefetch on) and from the cache:
-   steps per second and the share of step time spent waiting on the teachers.
+3. training: the same logit-kd run with the live teachers (prefetch on) and from the cache,
+   alternating `--repeats` times: steps per second, the share of step time spent waiting on
+   the teachers, and the step time not spent waiting (the student's own work).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,16 +48,16 @@ STUDENT = {"hidden_size": 96, "layers": 2, "heads": 4}
 
 
 def plain_scoring_seconds(config: TrainConfig) -> float:
-    """The collect's requests (same batches, same shards, all of a shard's batches at once) with nothing kept."""
+    """The collect's requests (the same batches), all sent at once through the same pool (its per-endpoint
+    concurrency limit applies), with nothing kept: the fastest the teachers answer them."""
     tokenizer, model = load_student(config.student)
     tokens = StudentTokens(tokenizer, config.max_seq_len)
     rows = load_rows(config.data).rows
     with connect_teachers(config, tokenizer, model.get_output_embeddings().weight.shape[0]) as runner:
         method = METHODS[config.method](config, tokens, runner.pool)
         started = time.perf_counter()
-        for shard in range(0, len(rows), SHARD_ROWS):
-            batches = range(shard, min(shard + SHARD_ROWS, len(rows)), config.batch_size)
-            runner.run(_gather(method.annotate(rows[start : start + config.batch_size], None, start // config.batch_size) for start in batches))
+        batches = range(0, len(rows), config.batch_size)
+        runner.run(_gather(method.annotate(rows[start : start + config.batch_size], None, start // config.batch_size) for start in batches))
         return time.perf_counter() - started
 
 
@@ -93,9 +95,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of each pair (this machine is shared: timings vary)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    console = Console()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         teacher = build_tiny_model(root / "teacher", **TEACHER)
@@ -108,15 +110,12 @@ def main() -> None:
                 student=str(student), teachers=[first.grpc_url, second.grpc_url], data=str(data), output=str(root / "live"),
                 method="logit-kd", steps=args.steps, batch_size=BATCH_SIZE, prefetch=args.prefetch, save_every=10**9, top_k=20,
             )
-            plain = plain_scoring_seconds(config)
-            collected = []
-            for name in ("cache", "again"):  # the first pays one-time imports (pyarrow loads pandas: ~0.45 s here)
-                started = time.perf_counter()
-                manifest = collect(config, CollectOptions(output=root / name, shard_rows=SHARD_ROWS), progress=False).manifest
-                collected.append(time.perf_counter() - started)
+            cold = _timed_collect(config, root / "cache")  # pays the process's one-time imports (pyarrow loads pandas)
+            collects = [(plain_scoring_seconds(config), _timed_collect(config, root / f"again-{r}")) for r in range(args.repeats)]
             collect(config.model_copy(update={"data": str(long_data)}), CollectOptions(output=root / "long", shard_rows=SHARD_ROWS), progress=False)
-            live = _timed_train(config)
-        cached = _timed_train(config.model_copy(update={"teachers": [], "teacher_cache": str(root / "cache"), "output": str(root / "cached")}))
+            from_cache = config.model_copy(update={"teachers": [], "teacher_cache": str(root / "cache"), "output": str(root / "cached")})
+            trainings = [(_timed_train(config), _timed_train(from_cache)) for _ in range(args.repeats)]
+        manifest = TeacherCache(root / "cache").manifest
         vocab = manifest.teachers[0].info.vocab_size
         sizes = {
             (name, values, bits): bytes_per_1k_positions(TeacherCache(root / name), StorageFormat(values=values, id_bits=bits),
@@ -124,14 +123,16 @@ def main() -> None:
             for name in ("cache", "long") for values in ("float32", "float16") for bits in (32, id_bits_for(vocab))
         }
         per_sequence = {name: _positions_per_sequence(TeacherCache(root / name)) for name in ("cache", "long")}
-
+    console = Console()
     positions = sum(shard.positions for shard in manifest.shards)
     table = Table(title=f"collect: {args.rows} rows, {positions} positions, logit-kd top-20, batch {BATCH_SIZE}, two teachers over gRPC")
-    for column in ("", "seconds", "rows/s", "vs plain scoring"):
+    for column in ("run", "plain scoring s (nothing kept)", "potstill collect s (recorded, written)", "collect speed vs plain"):
         table.add_column(column, justify="right")
-    table.add_row("plain scoring (nothing kept)", f"{plain:.2f}", f"{args.rows / plain:.0f}", "1.00x")
-    for label, seconds in zip(("potstill collect (recorded, written)", "the same again (imports warm)"), collected):
-        table.add_row(label, f"{seconds:.2f}", f"{args.rows / seconds:.0f}", f"{plain / seconds:.2f}x")
+    table.add_row("first collect of the process", "", f"{cold:.2f}", "")
+    for number, (plain, collected) in enumerate(collects, start=1):
+        table.add_row(str(number), f"{plain:.2f}", f"{collected:.2f}", f"{plain / collected:.2f}x")
+    table.add_row("median", f"{statistics.median([p for p, _ in collects]):.2f}", f"{statistics.median([c for _, c in collects]):.2f}",
+                  f"{statistics.median([p / c for p, c in collects]):.2f}x")
     console.print(table)
 
     table = Table(title=f"cache size at k = 20 (vocabulary {vocab}: packed ids take {id_bits_for(vocab)} bits)")
@@ -142,12 +143,24 @@ def main() -> None:
         table.add_row(label, f"{per_sequence[name]:.1f}", values, f"{bits} bits", f"{size:,.0f}", f"{size / sizes[(name, 'float32', 32)]:.2f}")
     console.print(table)
 
-    table = Table(title=f"logit-kd training, {args.steps} steps of batch {BATCH_SIZE}, prefetch {args.prefetch}")
-    for column in ("teacher answers from", "steps/s", "waiting on teacher (share of step time)", "step ms not waiting", "speed vs cache"):
+    table = Table(title=f"logit-kd training, {args.steps} steps of batch {BATCH_SIZE}, prefetch {args.prefetch}: live (two teachers) vs cache")
+    for column in ("run", "live steps/s", "live waiting", "live step ms not waiting", "cache steps/s", "cache waiting",
+                   "cache step ms not waiting", "live speed vs cache"):
         table.add_column(column, justify="right")
-    for name, (rate, wait, working) in (("cache", cached), ("two live teachers", live)):
-        table.add_row(name, f"{rate:.2f}", f"{wait:.1%}", f"{working:.0f}", f"{rate / cached[0]:.2f}")
+    for number, (live, cached) in enumerate(trainings, start=1):
+        table.add_row(str(number), f"{live[0]:.2f}", f"{live[1]:.1%}", f"{live[2]:.0f}", f"{cached[0]:.2f}", f"{cached[1]:.1%}",
+                      f"{cached[2]:.0f}", f"{live[0] / cached[0]:.2f}")
+    table.add_row("median", *(
+        f"{statistics.median([pair[side][index] for pair in trainings]):{style}}"
+        for side in (0, 1) for index, style in ((0, ".2f"), (1, ".1%"), (2, ".0f"))
+    ), f"{statistics.median([live[0] / cached[0] for live, cached in trainings]):.2f}")
     console.print(table)
+
+
+def _timed_collect(config: TrainConfig, output: Path) -> float:
+    started = time.perf_counter()
+    collect(config, CollectOptions(output=output, shard_rows=SHARD_ROWS), progress=False)
+    return time.perf_counter() - started
 
 
 def _positions_per_sequence(cache: TeacherCache) -> float:
