@@ -48,6 +48,11 @@ class ServeOptions(BaseModel):
     max_new_tokens: int = Field(Limits.max_new_tokens, ge=1, description="Most tokens one sample may generate.")
     max_batch: int = Field(Limits.max_batch, ge=1, description="Most sequences or prompts per request (clients split larger batches).")
     max_queued_requests: int = Field(64, ge=1, description="Requests admitted at once; more are refused with 429 / RESOURCE_EXHAUSTED.")
+    max_batch_tokens: int = Field(8192, ge=1, description="Tokens per forward pass that concurrent requests share (prompt + completion, times n for generate).")
+    batch_window_ms: float = Field(2.0, ge=0, le=1000, description="How long a request waits for others to share its forward pass when the model is idle.")
+    logprobs_mode: Literal["raw", "processed"] = Field(
+        "raw", description="Generate's log-probs: the model's own distribution (raw) or the one sampled from, after temperature (processed).",
+    )
     max_prompt_chars: int | None = Field(
         None, ge=1, description=f"Most characters of a text prompt or completion, checked before tokenising "
         f"(none: {CHARS_PER_TOKEN_BOUND} x the context length).",

@@ -1,22 +1,20 @@
 """The transport-agnostic teacher: validates, resolves prompts, admits, and calls the backend.
 
 HTTP and gRPC adapters hand it plain data and get typed results or a `TeacherError` back.
-Backend calls run on one worker thread, in arrival order; the number of requests admitted
-(running or waiting) is bounded, and a request beyond the bound is refused at once with
-`Overloaded` instead of piling up behind the model.
+The backend schedules its own work (the HF backend batches concurrent requests on its worker
+thread); the number of requests admitted (running or waiting) is bounded, and a request beyond
+the bound is refused at once with `Overloaded` instead of piling up behind the model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from teacher_service.backends.base import Backend, SamplingParams, ScoreItem
+from teacher_service.backends.base import Backend, GenerateItem, SamplingParams, ScoreItem
 from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.protocol import (
@@ -54,10 +52,6 @@ class TeacherService:
         self._limits: Limits | None = None
         self._admitted = 0
         self._draining = False
-        self._queued: set[concurrent.futures.Future] = set()
-        self._abandoned = False
-        # One thread: the model runs one batch at a time, and callers never share a forward pass.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-backend")
 
     # --- lifecycle ---
 
@@ -91,13 +85,15 @@ class TeacherService:
     def abandon_queued(self) -> None:
         """Answer every request still waiting for the model with `BackendUnavailable` (503 /
         UNAVAILABLE, which clients retry elsewhere); the batch on the model finishes."""
-        self._abandoned = True
-        for future in list(self._queued):
-            future.cancel()
+        if self._backend is not None:
+            self._backend.abandon_waiting(
+                BackendUnavailable("the teacher shut down before this request reached the model; retry")
+            )
 
     def close(self) -> None:
-        self._backend = None
-        self._executor.shutdown(wait=True)
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
 
     @property
     def limits(self) -> Limits:
@@ -127,14 +123,15 @@ class TeacherService:
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         backend = self._require_backend()
         items = [
-            ScoreItem(await self.prompt_ids(s.prompt), await self._completion_ids(s.completion))
+            ScoreItem(
+                await self.prompt_ids(s.prompt), await self._completion_ids(s.completion),
+                request.top_logprobs, request.temperature,
+            )
             for s in request.sequences
         ]
         for index, item in enumerate(items):
             self._check_length(len(item.prompt_ids) + len(item.completion_ids), f"sequences.{index}")
-        results = await self._run(
-            "score", backend.score, items, request.top_logprobs, request.temperature
-        )
+        results = await self._run("score", lambda: backend.score(items))
         self.metrics.tokens_scored.inc(sum(len(item.completion_ids) for item in items))
         return ScoreResponse(results=results)
 
@@ -151,7 +148,7 @@ class TeacherService:
             seed=request.seed,
             top_logprobs=request.top_logprobs,
         )
-        results = await self._run("generate", backend.generate, prompts, params)
+        results = await self._run("generate", lambda: backend.generate([GenerateItem(prompt, params) for prompt in prompts]))
         self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in results for s in r.samples))
         return GenerateResponse(results=results)
 
@@ -181,8 +178,8 @@ class TeacherService:
                 f"{tokens} tokens exceed the teacher's context of {self.limits.max_model_len}", field=field
             )
 
-    async def _run(self, endpoint: str, function: Callable[..., T], *args: Any) -> T:
-        """Admit the request or refuse it, then run `function` on the backend thread."""
+    async def _run(self, endpoint: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Admit the request or refuse it, then await the backend's `work()`."""
         if self._admitted >= self.settings.max_queued_requests:
             self.metrics.rejected.labels(endpoint).inc()
             raise Overloaded(
@@ -191,16 +188,9 @@ class TeacherService:
         self._admitted += 1
         self.metrics.queue_depth.set(self._admitted)
         started = time.perf_counter()
-        future = self._executor.submit(function, *args)
-        self._queued.add(future)
         try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if not (future.cancelled() and self._abandoned):
-                raise
-            raise BackendUnavailable("the teacher shut down before this request reached the model; retry") from None
+            return await work()
         finally:
-            self._queued.discard(future)
             self._admitted -= 1
             self.metrics.queue_depth.set(self._admitted)
             self.metrics.backend_seconds.labels(endpoint).observe(time.perf_counter() - started)

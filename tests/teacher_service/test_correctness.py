@@ -7,6 +7,7 @@ length stops, seeds, and greedy decoding equal to Hugging Face's own.
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -113,14 +114,14 @@ def test_chat_prompts_use_the_chat_template(http, tokenizer, reference_logprobs)
 
 def test_chunked_scoring_equals_unchunked(tiny_model_dir, reference_logprobs):
     rng = np.random.default_rng(0)
-    long = ScoreItem(rng.integers(5, 384, 30).tolist(), rng.integers(5, 384, 200).tolist())
-    short = ScoreItem([9, 8, 7], [6, 5, 4, 3])
-    middle = ScoreItem(rng.integers(5, 384, 12).tolist(), rng.integers(5, 384, 40).tolist())
+    long = ScoreItem(rng.integers(5, 384, 30).tolist(), rng.integers(5, 384, 200).tolist(), 10)
+    short = ScoreItem([9, 8, 7], [6, 5, 4, 3], 10)
+    middle = ScoreItem(rng.integers(5, 384, 12).tolist(), rng.integers(5, 384, 40).tolist(), 10)
     items = [short, long, middle]
     whole = HFBackend.load(BackendConfig(model=tiny_model_dir))
     # 7 positions per log-softmax chunk, and every sequence in a forward pass of its own.
     chunked = HFBackend.load(BackendConfig(model=tiny_model_dir, max_batch_tokens=16, max_logits_elements=7 * 384))
-    expected, got = whole.score(items, 10, 1.0), chunked.score(items, 10, 1.0)
+    expected, got = whole.score_now(items), chunked.score_now(items)
     for item, one, other in zip(items, expected, got):
         np.testing.assert_array_equal(one.token_ids, other.token_ids)
         np.testing.assert_array_equal(one.top_ids, other.top_ids)
@@ -176,8 +177,19 @@ def test_seed_makes_samples_reproducible(http):
         return [s["token_ids"] for r in results for s in r["samples"]]
 
     assert token_ids(first) != token_ids(other)
-    # Within one request the n samples differ too (8 samples of 10 tokens over a ~uniform 384-token vocabulary).
-    assert len({tuple(ids) for ids in token_ids(first)}) == 8
+    # A prompt's n samples differ (4 samples of 10 tokens over a ~uniform 384-token vocabulary).
+    for result in first:
+        assert len({tuple(s["token_ids"]) for s in result["samples"]}) == 4
+
+
+def test_a_prompt_samples_the_same_whatever_shares_its_request(http):
+    """A generator per (seed, sample index): neighbours in the request or the pass change nothing."""
+    settings = {"n": 3, "max_tokens": 8, "top_logprobs": 2, "seed": 77, "temperature": 0.9, "top_p": 0.95}
+    alone = generate(http, prompts=["hello"], **settings)[0]
+    crowded = generate(http, prompts=[[9, 9, 9, 9, 9, 9, 9], "hello", "1+2="], **settings)[1]
+    assert [s["token_ids"] for s in crowded["samples"]] == [s["token_ids"] for s in alone["samples"]]
+    for one, other in zip(alone["samples"], crowded["samples"]):
+        np.testing.assert_allclose(one["top_logprobs"], other["top_logprobs"], atol=ATOL, rtol=0)
 
 
 def test_greedy_equals_hugging_face_greedy_decoding(http, reference_model, eos_id):
@@ -196,3 +208,11 @@ def test_greedy_equals_hugging_face_greedy_decoding(http, reference_model, eos_i
         assert first["token_ids"] == expected
         # The greedy token is the top-1 token at each step.
         assert [row[0] for row in first["top_ids"]] == expected
+
+
+def test_processed_logprobs_mode_reports_the_tempered_distribution(start_teacher, tokenizer, reference_logprobs):
+    with start_teacher(logprobs_mode="processed") as teacher, httpx.Client(base_url=teacher.http_url, timeout=120) as http:
+        results = generate(http, prompts=[[10, 20, 30]], n=2, max_tokens=6, temperature=0.5, seed=3, top_logprobs=4)
+    for sample in results[0]["samples"]:
+        ids = sample["token_ids"]
+        assert_matches_reference(sample, reference_logprobs([10, 20, 30], ids, 0.5), ids, k=4)

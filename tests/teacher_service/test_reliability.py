@@ -255,14 +255,14 @@ def test_requests_queued_past_the_grace_period_are_answered_503(start_teacher):
     server = start_teacher(grace_seconds=0.3).start()
     backend = server.server.service._require_backend()
     entered, release = threading.Event(), threading.Event()
-    score = backend.score
+    score_pass = backend._score_batcher._run_batch
 
-    def held_score(*args):
+    def held_score_pass(items):
         entered.set()
         release.wait(timeout=60)
-        return score(*args)
+        return score_pass(items)
 
-    backend.score = held_score
+    backend._score_batcher._run_batch = held_score_pass
     answers: list[httpx.Response] = []
     senders = [threading.Thread(target=lambda: answers.append(httpx.post(server.http_url + "/v1/score", json=SCORE, timeout=60)))
                for _ in range(3)]

@@ -1,16 +1,22 @@
 """The small protocol every backend implements.
 
 A backend sees token ids only: the service resolves text and chat prompts with the backend's
-tokenizer helpers and checks every limit before a backend is called. Backend calls are
-blocking and made from one worker thread at a time.
+tokenizer helpers and checks every limit before a backend is called. `score` and `generate` are
+coroutines and every item carries its own settings (k, temperature, sampling), so a backend owns
+its scheduling: the HF backend gathers concurrent requests' items into shared forward passes on
+its own worker thread (`teacher_service.batching`), an engine such as vLLM schedules them itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from teacher_service.protocol import GenerateResult, ScoredSequence
+
+# What a sampled token's log-probs describe: the model's own distribution ("raw", as vLLM's
+# default `logprobs_mode`) or the one sampled from, after temperature and top-p ("processed").
+LogprobsMode = Literal["raw", "processed"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,8 @@ class BackendConfig:
     max_model_len: int | None = None  # caps the model's own context length
     max_batch_tokens: int = 8192  # prompt + completion tokens per forward pass
     max_logits_elements: int = 2**24  # positions x vocabulary per log-softmax chunk
+    batch_window_ms: float = 2.0  # how long the first waiting item waits for others to share its pass
+    logprobs_mode: LogprobsMode = "raw"
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class ModelDescription:
 class ScoreItem:
     prompt_ids: list[int]
     completion_ids: list[int]
+    top_logprobs: int = 0
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,14 @@ class SamplingParams:
     max_tokens: int
     temperature: float  # 0 = greedy
     top_p: float
-    seed: int | None
+    seed: int | None  # sample j of a prompt draws from a generator seeded with (seed, j)
     top_logprobs: int
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    prompt_ids: list[int]
+    params: SamplingParams
 
 
 class Backend(Protocol):
@@ -63,8 +79,14 @@ class Backend(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids, special tokens removed unless `skip_special_tokens` is False."""
 
-    def score(self, items: list[ScoreItem], top_logprobs: int, temperature: float) -> list[ScoredSequence]:
-        """The distribution at every completion position of every item."""
+    async def score(self, items: list[ScoreItem]) -> list[ScoredSequence]:
+        """The distribution at every completion position of every item, under its own k and temperature."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
-        """`params.n` samples for each prompt."""
+    async def generate(self, items: list[GenerateItem]) -> list[GenerateResult]:
+        """`item.params.n` samples for each item's prompt."""
+
+    def abandon_waiting(self, error: Exception) -> None:
+        """Fail every call still waiting for the model with `error`; work under way finishes."""
+
+    def close(self) -> None:
+        """Stop the backend's workers; calls in flight finish first."""

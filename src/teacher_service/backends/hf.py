@@ -1,18 +1,30 @@
 """The Hugging Face transformers backend: any `AutoModelForCausalLM` on CPU or CUDA.
 
-Scoring runs the model body once per micro-batch (bounded by `max_batch_tokens`), then applies
-the output layer and the log-softmax only at completion positions, `max_logits_elements` at a
-time, so memory stays bounded for long sequences and large vocabularies.
+Concurrent requests' items are gathered into shared passes (`teacher_service.batching`) that run
+on one worker thread, so the model runs one pass at a time. Scoring runs the model body once per
+micro-batch (bounded by `max_batch_tokens`), then applies the output layer and the log-softmax
+only at completion positions, `max_logits_elements` at a time; generation keeps each step's
+top-k only (`hf_sampling`). Memory stays bounded for long sequences and large vocabularies.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
 from potstill.fingerprint import tokenizer_fingerprint
-from teacher_service.backends.base import BackendConfig, ModelDescription, SamplingParams, ScoreItem
+from teacher_service.backends.base import BackendConfig, GenerateItem, ModelDescription, SamplingParams, ScoreItem
+from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
+from teacher_service.batching import Batcher, BatchingSettings
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -39,6 +51,15 @@ def _token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]
     return batches
 
 
+def _score_cost(item: ScoreItem) -> int:
+    return len(item.prompt_ids) + len(item.completion_ids)
+
+
+def _generate_cost(item: GenerateItem) -> int:
+    rows = item.params.n if item.params.temperature > 0 else 1
+    return rows * (len(item.prompt_ids) + item.params.max_tokens)
+
+
 class HFBackend:
     name = "hf"
 
@@ -58,6 +79,11 @@ class HFBackend:
         declared = getattr(model.generation_config, "eos_token_id", None)
         declared = declared if isinstance(declared, list) else [declared]
         self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, *declared] if i is not None})
+        # One thread: the model runs one pass at a time; score and generate passes take turns on it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-backend")
+        batching = BatchingSettings(config.batch_window_ms / 1000, config.max_batch_tokens)
+        self._score_batcher = Batcher(self.score_now, _score_cost, batching, self._executor)
+        self._generate_batcher = Batcher(self.generate_now, _generate_cost, batching, self._executor)
 
     @classmethod
     def load(cls, config: BackendConfig) -> HFBackend:
@@ -81,19 +107,36 @@ class HFBackend:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    # --- scheduling ---
+
+    async def score(self, items: list[ScoreItem]) -> list[ScoredSequence]:
+        return await self._score_batcher.submit(items)
+
+    async def generate(self, items: list[GenerateItem]) -> list[GenerateResult]:
+        return await self._generate_batcher.submit(items)
+
+    def abandon_waiting(self, error: Exception) -> None:
+        self._score_batcher.abandon_waiting(error)
+        self._generate_batcher.abandon_waiting(error)
+
+    def close(self) -> None:
+        self._score_batcher.close()
+        self._generate_batcher.close()
+        self._executor.shutdown(wait=True)
+
     # --- scoring ---
 
     @torch.inference_mode()
-    def score(self, items: list[ScoreItem], top_logprobs: int, temperature: float) -> list[ScoredSequence]:
+    def score_now(self, items: list[ScoreItem]) -> list[ScoredSequence]:
+        """`score` on the calling thread, in micro-batches within `max_batch_tokens`."""
         lengths = [len(item.prompt_ids) + len(item.completion_ids) for item in items]
         results: list[ScoredSequence | None] = [None] * len(items)
         for batch in _token_budget_batches(lengths, self.config.max_batch_tokens):
-            scored = self._score_batch([items[i] for i in batch], top_logprobs, temperature)
-            for index, result in zip(batch, scored):
+            for index, result in zip(batch, self._score_batch([items[i] for i in batch])):
                 results[index] = result
         return results
 
-    def _score_batch(self, items: list[ScoreItem], k: int, temperature: float) -> list[ScoredSequence]:
+    def _score_batch(self, items: list[ScoreItem]) -> list[ScoredSequence]:
         sequences = [item.prompt_ids + item.completion_ids for item in items]
         input_ids, attention_mask = self._right_padded(sequences)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -101,17 +144,21 @@ class HFBackend:
         spans = [(len(item.prompt_ids) - 1, len(item.completion_ids)) for item in items]
         rows = torch.cat([hidden[b, start : start + length] for b, (start, length) in enumerate(spans)])
         targets = torch.tensor([t for item in items for t in item.completion_ids], device=self.device)
-        token_logprobs, top_logprobs, top_ids = self._distributions(rows, targets, k, temperature)
+        temperatures = torch.tensor(
+            [item.temperature for item in items for _ in item.completion_ids], device=self.device
+        )
+        k = max(item.top_logprobs for item in items)
+        token_logprobs, top_logprobs, top_ids = self._distributions(rows, targets, k, temperatures)
         results, offset = [], 0
         for item, (_, length) in zip(items, spans):
-            window = slice(offset, offset + length)
+            window, keep = slice(offset, offset + length), item.top_logprobs
             offset += length
             results.append(
                 ScoredSequence(
                     token_ids=np.asarray(item.completion_ids, dtype=np.int32),
                     token_logprobs=token_logprobs[window],
-                    top_ids=top_ids[window],
-                    top_logprobs=top_logprobs[window],
+                    top_ids=top_ids[window, :keep],  # each row is sorted, so its first k are its top-k
+                    top_logprobs=top_logprobs[window, :keep],
                     prompt_tokens=len(item.prompt_ids),
                 )
             )
@@ -133,14 +180,16 @@ class HFBackend:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def _distributions(
-        self, hidden: torch.Tensor, targets: torch.Tensor, k: int, temperature: float
+        self, hidden: torch.Tensor, targets: torch.Tensor, k: int, temperatures: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Log-prob of each target and the top-k, chunked over positions: ([N], [N, k], [N, k])."""
+        """Log-prob of each target and the top-k under each position's temperature [N], chunked over
+        positions: ([N], [N, k], [N, k])."""
         chunk = max(1, self.config.max_logits_elements // self.description.vocab_size)
         token_parts, value_parts, id_parts = [], [], []
         for start in range(0, hidden.shape[0], chunk):
-            logprobs = torch.log_softmax(self._logits(hidden[start : start + chunk]) / temperature, dim=-1)
-            token_parts.append(logprobs.gather(1, targets[start : start + chunk, None])[:, 0])
+            window = slice(start, start + chunk)
+            logprobs = torch.log_softmax(self._logits(hidden[window]) / temperatures[window, None], dim=-1)
+            token_parts.append(logprobs.gather(1, targets[window, None])[:, 0])
             values, ids = logprobs.topk(k, dim=-1, sorted=True)
             value_parts.append(values)
             id_parts.append(ids)
@@ -153,45 +202,46 @@ class HFBackend:
     # --- generation ---
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        per_prompt_tokens = params.n * (max(len(p) for p in prompts) + params.max_tokens)
-        group = max(1, self.config.max_batch_tokens // per_prompt_tokens)
-        results = []
-        for start in range(0, len(prompts), group):
-            results.extend(self._generate_group(prompts[start : start + group], params))
-        return results
+    def generate_now(self, items: list[GenerateItem]) -> list[GenerateResult]:
+        """`generate` on the calling thread: every sample of every item is one row of one decoding loop.
 
-    def _generate_group(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerateResult]:
-        input_ids, attention_mask = self._left_padded(prompts)
+        A sampled row draws from its own generator (`sample_seed`); a greedy item runs one row and
+        repeats its answer n times.
+        """
+        rows = [(index, j) for index, item in enumerate(items) for j in range(self._rows_of(item))]
+        params = [items[index].params for index, _ in rows]
+        input_ids, attention_mask = self._left_padded([items[index].prompt_ids for index, _ in rows])
+        sampler = RowSampler(
+            params, [sample_seed(p.seed, j) for p, (_, j) in zip(params, rows)],
+            max(p.top_logprobs for p in params), self.config.logprobs_mode, self.device,
+        )
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            generation_config=self._generation_config(params),
+            generation_config=self._generation_config(max(p.max_tokens for p in params)),
+            logits_processor=LogitsProcessorList([sampler]),
+            stopping_criteria=StoppingCriteriaList([RowLengths(input_ids.shape[1], [p.max_tokens for p in params], self.device)]),
         )
-        new_tokens = output.sequences[:, input_ids.shape[1] :]  # [B * n, S]
-        # Raw logits (before temperature and top-p): the model's own distribution, as OpenAI reports it.
-        logprobs = torch.log_softmax(torch.stack(output.logits, dim=1).float(), dim=-1)  # [B * n, S, V]
-        samples = [self._sample(new_tokens[row], logprobs[row], params.top_logprobs) for row in range(len(new_tokens))]
-        if params.temperature == 0:  # greedy decoding gives one answer; each of the n samples is that answer
-            samples = [sample for sample in samples for _ in range(params.n)]
-        return [
-            GenerateResult(samples=samples[i * params.n : (i + 1) * params.n], prompt_tokens=len(prompt))
-            for i, prompt in enumerate(prompts)
-        ]
+        new_tokens = output[:, input_ids.shape[1] :].cpu().numpy()  # [R, S]
+        token_logprobs, top_logprobs, top_ids = sampler.recorded()
+        samples: list[list[Sample]] = [[] for _ in items]
+        for row, ((index, _), p) in enumerate(zip(rows, params)):
+            sample = self._sample(new_tokens[row], token_logprobs[row], top_logprobs[row], top_ids[row], p)
+            samples[index].extend([sample] * (p.n if p.temperature == 0 else 1))
+        return [GenerateResult(samples=s, prompt_tokens=len(item.prompt_ids)) for s, item in zip(samples, items)]
 
-    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
-        # A fresh config, so defaults shipped with the model (top_k=50, penalties) do not bend the samples.
-        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+    @staticmethod
+    def _rows_of(item: GenerateItem) -> int:
+        return item.params.n if item.params.temperature > 0 else 1
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        # A fresh config, so defaults shipped with the model (top_k=50, penalties) do not bend the
+        # samples; the loop runs greedy over the one-token scores `RowSampler` leaves.
         return GenerationConfig(
-            max_new_tokens=params.max_tokens,
-            num_return_sequences=params.n if params.temperature > 0 else 1,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=self.pad_id,
             eos_token_id=self.stop_ids or None,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **(sampling if params.temperature > 0 else {"do_sample": False}),
         )
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,19 +253,22 @@ class HFBackend:
             attention_mask[row, width - len(prompt) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
-    def _sample(self, tokens: torch.Tensor, logprobs: torch.Tensor, k: int) -> Sample:
-        """One sample's tokens up to and including its first end token, with their distributions."""
-        eos_positions = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device)).nonzero()
-        finished = len(eos_positions) > 0
-        length = int(eos_positions[0]) + 1 if finished else len(tokens)
-        tokens, logprobs = tokens[:length], logprobs[:length]
-        top_values, top_ids = logprobs.topk(k, dim=-1, sorted=True)
-        ids = tokens.tolist()
+    def _sample(
+        self, tokens: np.ndarray, token_logprobs: np.ndarray, top_logprobs: np.ndarray, top_ids: np.ndarray,
+        params: SamplingParams,
+    ) -> Sample:
+        """One row's tokens up to its first end token or its `max_tokens`, with their distributions."""
+        tokens = tokens[: params.max_tokens]
+        ends = np.flatnonzero(np.isin(tokens, self.stop_ids))
+        finished = len(ends) > 0
+        length = int(ends[0]) + 1 if finished else len(tokens)
+        ids = tokens[:length].tolist()
+        k = params.top_logprobs
         return Sample(
             token_ids=np.asarray(ids, dtype=np.int32),
-            token_logprobs=logprobs.gather(1, tokens[:, None])[:, 0].cpu().numpy().astype(np.float32),
-            top_ids=top_ids.cpu().numpy().astype(np.int32),
-            top_logprobs=top_values.cpu().numpy().astype(np.float32),
+            token_logprobs=token_logprobs[:length],
+            top_ids=top_ids[:length, :k],
+            top_logprobs=top_logprobs[:length, :k],
             text=self.decode(ids),
             finish_reason="stop" if finished else "length",
         )

@@ -1,0 +1,112 @@
+"""Cross-request batching: the items of concurrent requests share forward passes.
+
+A request submits its items (sequences to score, prompts to sample) and awaits their results.
+One worker task per batcher takes waiting items in arrival order: when the first arrives it
+waits `window_seconds` for others to join, then takes as many as fit `max_batch_tokens` (by
+`cost`, at least one item), runs them in one call of `run_batch` on the backend's worker thread,
+and hands each item its own result. Items arriving while a pass runs wait for the next one, so
+under load passes fill up without any window. Every setting an item carries (k, temperature,
+sampling, seed) is applied per row by the batch function, so any items may share a pass and a
+result does not depend on its neighbours (up to float rounding of a differently padded batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    window_seconds: float  # how long the first waiting item waits for company
+    max_batch_tokens: int  # summed item costs per pass (one item alone may exceed it)
+
+
+class Batcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Item]], list[Result]],
+        cost: Callable[[Item], int],
+        settings: BatchingSettings,
+        executor: Executor,
+    ):
+        self._run_batch = run_batch
+        self._cost = cost
+        self._settings = settings
+        self._executor = executor
+        self._waiting: deque[tuple[Item, asyncio.Future]] = deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, items: list[Item]) -> list[Result]:
+        """The results of `items`, in order, once the passes that carry them have run."""
+        self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._waiting.extend(zip(items, futures))
+        self._wakeup.set()
+        # Cancelling the request cancels its futures; the worker skips cancelled items.
+        return list(await asyncio.gather(*futures))
+
+    def abandon_waiting(self, error: Exception) -> None:
+        """Fail every item not yet taken into a pass with `error` (passes under way finish)."""
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop the worker (from any thread); items not yet taken are never run."""
+        if self._worker is not None and not self._worker.done():
+            self._worker.get_loop().call_soon_threadsafe(self._worker.cancel)
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A new event loop (each asyncio.run, say) gets a worker and an event of its own.
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._work(), name="potstill-batcher")
+
+    async def _work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._settings.window_seconds > 0:
+                await asyncio.sleep(self._settings.window_seconds)
+            while batch := self._take():
+                await self._run(batch)
+
+    def _take(self) -> list[tuple[Item, asyncio.Future]]:
+        """Waiting items in arrival order, as many as fit the token budget (at least one)."""
+        batch, total = [], 0
+        while self._waiting:
+            item, future = self._waiting[0]
+            if future.done():  # cancelled by its caller
+                self._waiting.popleft()
+                continue
+            cost = self._cost(item)
+            if batch and total + cost > self._settings.max_batch_tokens:
+                break
+            batch.append(self._waiting.popleft())
+            total += cost
+        return batch
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, items)
+        except Exception as error:  # every caller in the pass learns why it failed
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
