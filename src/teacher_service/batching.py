@@ -1,7 +1,7 @@
 """Cross-request batching: the items of concurrent requests share forward passes.
 
 A request submits its items (sequences to score, prompts to sample) and awaits their results.
-One worker task per batcher takes waiting items in arrival order: when the first arrives it
+A worker task takes waiting items in arrival order: when the first arrives at an idle batcher it
 waits `window_seconds` for others to join, then takes as many as fit `max_batch_tokens` (by
 `cost`, at least one item), runs them in one call of `run_batch` on the backend's worker thread,
 and hands each item its own result. Items arriving while a pass runs wait for the next one, so
@@ -42,16 +42,16 @@ class Batcher(Generic[Item, Result]):
         self._settings = settings
         self._executor = executor
         self._waiting: deque[tuple[Item, asyncio.Future]] = deque()
-        self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
     async def submit(self, items: list[Item]) -> list[Result]:
         """The results of `items`, in order, once the passes that carry them have run."""
-        self._ensure_worker()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._waiting.extend(zip(items, futures))
-        self._wakeup.set()
+        # The worker runs while items wait and ends when none is left, so no task outlives its work.
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work(), name="potstill-batcher")
         # Cancelling the request cancels its futures; the worker skips cancelled items.
         return list(await asyncio.gather(*futures))
 
@@ -62,26 +62,11 @@ class Batcher(Generic[Item, Result]):
             if not future.done():
                 future.set_exception(error)
 
-    def close(self) -> None:
-        """Stop the worker (from any thread); items not yet taken are never run."""
-        if self._worker is not None and not self._worker.done():
-            self._worker.get_loop().call_soon_threadsafe(self._worker.cancel)
-
-    def _ensure_worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        # A new event loop (each asyncio.run, say) gets a worker and an event of its own.
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._work(), name="potstill-batcher")
-
     async def _work(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self._settings.window_seconds > 0:
-                await asyncio.sleep(self._settings.window_seconds)
-            while batch := self._take():
-                await self._run(batch)
+        if self._settings.window_seconds > 0:
+            await asyncio.sleep(self._settings.window_seconds)
+        while batch := self._take():
+            await self._run(batch)
 
     def _take(self) -> list[tuple[Item, asyncio.Future]]:
         """Waiting items in arrival order, as many as fit the token budget (at least one)."""

@@ -40,18 +40,24 @@ class RecordingPasses:
         return [2 * item for item in items]
 
 
+def run(coroutine):
+    """`coroutine` on a loop of its own, leaving this thread's current loop as it was (unlike
+    asyncio.run, which leaves none, and code that asks for the current loop fails after it)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
 def run_batcher(passes: RecordingPasses, work, window_seconds=0.05, max_batch_tokens=100, cost=lambda item: 1):
     async def main():
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as executor:
-            batcher = Batcher(passes, cost, BatchingSettings(window_seconds, max_batch_tokens), executor)
-            try:
-                return await work(batcher)
-            finally:
-                batcher.close()
+            return await work(Batcher(passes, cost, BatchingSettings(window_seconds, max_batch_tokens), executor))
 
-    return asyncio.run(main())
+    return run(main())
 
 
 def test_concurrent_requests_share_one_pass_and_get_their_own_results():
@@ -165,7 +171,7 @@ def test_concurrent_scores_equal_one_at_a_time(backend):
     async def concurrently():
         return await asyncio.gather(*(backend.score([item]) for item in items))
 
-    together = [result for (result,) in asyncio.run(concurrently())]
+    together = [result for (result,) in run(concurrently())]
     for one, other, item in zip(alone, together, items):
         assert other.top_ids.shape == (len(item.completion_ids), item.top_logprobs)
         assert_same_arrays(one, other)
@@ -178,7 +184,7 @@ def test_concurrent_generates_equal_one_at_a_time(backend):
     async def concurrently():
         return await asyncio.gather(*(backend.generate([item]) for item in items))
 
-    together = [result for (result,) in asyncio.run(concurrently())]
+    together = [result for (result,) in run(concurrently())]
     for one, other, item in zip(alone, together, items):
         assert len(other.samples) == item.params.n
         for sample, same in zip(one.samples, other.samples):

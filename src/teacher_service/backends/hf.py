@@ -120,8 +120,6 @@ class HFBackend:
         self._generate_batcher.abandon_waiting(error)
 
     def close(self) -> None:
-        self._score_batcher.close()
-        self._generate_batcher.close()
         self._executor.shutdown(wait=True)
 
     # --- scoring ---
