@@ -252,7 +252,7 @@ def test_429_says_when_to_retry(start_teacher):
 
 
 def test_requests_queued_past_the_grace_period_are_answered_503(start_teacher):
-    server = start_teacher(grace_seconds=0.3).start()
+    server = start_teacher(grace_seconds=0.3, batch_window_ms=0).start()
     backend = server.server.service._require_backend()
     entered, release = threading.Event(), threading.Event()
     score_pass = backend._score_batcher._run_batch
@@ -266,9 +266,10 @@ def test_requests_queued_past_the_grace_period_are_answered_503(start_teacher):
     answers: list[httpx.Response] = []
     senders = [threading.Thread(target=lambda: answers.append(httpx.post(server.http_url + "/v1/score", json=SCORE, timeout=60)))
                for _ in range(3)]
-    for sender in senders:
+    senders[0].start()
+    assert entered.wait(timeout=30)  # on the model before the others arrive, so they wait behind it
+    for sender in senders[1:]:
         sender.start()
-    assert entered.wait(timeout=30)
     while server.server.service._admitted < 3:  # one on the model, two queued behind it
         time.sleep(0.01)
     stopping = threading.Thread(target=server.stop)
