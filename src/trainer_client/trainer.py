@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import shutil
 import signal
 import threading
 import time
@@ -41,6 +40,7 @@ from trainer_client.cache_source import (
     record_run,
     request_settings,
 )
+from trainer_client.checkpoints import TrainingState, resume_from_checkpoint, save_checkpoint
 from trainer_client.config import TrainConfig
 from trainer_client.data import Dataset, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
@@ -55,7 +55,6 @@ from trainer_client.student_loss import collate
 from trainer_client.teachers import TeacherUnavailable
 from trainer_client.verifiers import get_verifier
 
-CHECKPOINT_MARKER = "trainer_state.json"
 METHODS: dict[str, type[Method]] = {
     "sft": SFT, "seq-kd": SampledTargets, "multi-sample": SampledTargets, "logit-kd": LogitKD, "guided": Guided,
 }
@@ -96,8 +95,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
         model, optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
-        start_step = resume_from_checkpoint(accelerator, output) if config.resume else 0
+        state = TrainingState(accelerator, model, optimizer, scheduler)
+        start_step = resume_from_checkpoint(state, output) if config.resume else 0
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
                              writer=accelerator.is_main_process)
         if accelerator.is_main_process:
@@ -135,18 +134,18 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                         final_eval = evaluator(accelerator.unwrap_model(model))
                         metrics.write({"step": completed, **final_eval})
                     if completed % config.save_every == 0 and completed < config.steps:
-                        save_checkpoint(accelerator, output, completed)
+                        save_checkpoint(state, output, completed)
                     rate = (completed - start_step) / stepped
                     bar.update(task, completed=completed,
                                status=f"{rate:.2f} step/s  loss {losses['loss']:.4f}  waiting on teachers {waited / stepped:.0%}")
                     if stop_requested.is_set():
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
-            save_checkpoint(accelerator, output, completed)
+            save_checkpoint(state, output, completed)
             print(f"interrupted: {completed} completed steps are checkpointed in {output}; continue with --resume")
             raise
         except TeacherUnavailable as error:
-            save_checkpoint(accelerator, output, completed)
+            save_checkpoint(state, output, completed)
             raise TeacherUnavailable(
                 f"{error}; {completed} completed steps are checkpointed in {output} — rerun with --resume once a teacher is back"
             ) from error
@@ -344,32 +343,6 @@ def _done(coroutine) -> Future:
 
 
 # --- checkpoints and outputs ---
-
-
-def _checkpoints(output: Path) -> list[Path]:
-    found = [p for p in (output / "checkpoints").glob("step-*") if (p / CHECKPOINT_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator, output: Path, step: int, keep: int = 2) -> None:
-    directory = output / "checkpoints" / f"step-{step:08d}"
-    accelerator.save_state(str(directory))
-    if accelerator.is_main_process:
-        # Written last: a checkpoint without it was interrupted and is never resumed from.
-        (directory / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
-        for old in _checkpoints(output)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def resume_from_checkpoint(accelerator, output: Path) -> int:
-    """Load the newest complete checkpoint; returns its step (0, with a note, when there is none)."""
-    checkpoints = _checkpoints(output)
-    if not checkpoints:
-        print(f"no checkpoint in {output}/checkpoints: starting from step 0")
-        return 0
-    accelerator.load_state(str(checkpoints[-1]))
-    return json.loads((checkpoints[-1] / CHECKPOINT_MARKER).read_text())["step"]
 
 
 def save_final(accelerator, model, tokenizer, output: Path) -> None:

@@ -198,3 +198,16 @@ def test_cli_runs_from_a_yaml_config_with_flags_overriding_it(models, data, tmp_
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["output"] == str(tmp_path / "from-flags")
     assert json.loads((tmp_path / "from-flags" / "config.json").read_text())["batch_size"] == 4
+
+
+def test_checkpoints_hold_no_pickle(models, data, tmp_path):
+    """Tensors in safetensors, the rest in JSON: nothing a loader would have to unpickle."""
+    config = _config(models, data, tmp_path, method="sft", steps=4, save_every=2, eval_data=None)
+    train(config, progress=False)
+    files = [path for path in (tmp_path / "run" / "checkpoints").rglob("*") if path.is_file()]
+    assert files and {path.suffix for path in files} == {".safetensors", ".json"}, sorted(p.name for p in files)
+    for path in files:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            assert load_file(path)  # a safetensors file with at least one tensor

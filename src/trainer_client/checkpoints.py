@@ -1,0 +1,131 @@
+"""Resumable checkpoints with no pickle in them: tensors in safetensors, everything else in JSON.
+
+`checkpoints/step-N/` holds
+- `model.safetensors`: the student's weights (tied weights stored once);
+- `optimizer.safetensors` + `optimizer.json`: the optimizer's per-parameter tensors, and its
+  parameter groups and scalar state;
+- `scheduler.json`: the learning-rate schedule's position;
+- `rng-R.safetensors` + `rng-R.json`: process R's torch (CPU and CUDA), NumPy and Python random
+  states, so a resumed run draws the same numbers;
+- `trainer_state.json`, written last: a folder without it was interrupted and is never resumed.
+Model, optimizer and scheduler are written by the main process (data-parallel ranks hold the same).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+CHECKPOINT_MARKER = "trainer_state.json"
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    found = [p for p in (output / "checkpoints").glob("step-*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(state: TrainingState, output: Path, step: int, keep: int = 2) -> None:
+    accelerator = state.accelerator
+    directory = output / "checkpoints" / f"step-{step:08d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
+        _save_optimizer(state.optimizer.state_dict(), directory)
+        (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
+    _save_rng(directory, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (directory / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+        for old in checkpoints(output)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
+    """Load the newest complete checkpoint; returns its step (0, with a note, when there is none)."""
+    found = checkpoints(output)
+    if not found:
+        print(f"no checkpoint in {output}/checkpoints: starting from step 0")
+        return 0
+    directory = found[-1]
+    load_model(state.accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
+    state.optimizer.load_state_dict(_load_optimizer(directory))
+    state.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+    _load_rng(directory, state.accelerator.process_index)
+    return json.loads((directory / CHECKPOINT_MARKER).read_text())["step"]
+
+
+# --- optimizer: tensors apart from the rest ---
+
+
+def _save_optimizer(state_dict: dict, directory: Path) -> None:
+    tensors, scalars = {}, {}
+    for parameter, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{parameter}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{parameter}.{name}"] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    layout = {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    (directory / "optimizer.json").write_text(json.dumps(layout))
+
+
+def _load_optimizer(directory: Path) -> dict:
+    layout = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    entries = {**load_file(str(directory / "optimizer.safetensors")), **layout["scalars"]}
+    for key, value in entries.items():
+        parameter, name = key.split(".", 1)
+        state.setdefault(int(parameter), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+# --- random number generators, one set per process ---
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{index}": s for index, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(directory / f"rng-{rank}.safetensors"))
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    states = {
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+        "python": [version, list(python_state), python_gauss],
+    }
+    (directory / f"rng-{rank}.json").write_text(json.dumps(states))
+
+
+def _load_rng(directory: Path, rank: int) -> None:
+    tensors = load_file(str(directory / f"rng-{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{index}"] for index in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    states = json.loads((directory / f"rng-{rank}.json").read_text())
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, python_state, python_gauss = states["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
