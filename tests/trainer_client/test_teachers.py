@@ -118,7 +118,11 @@ def test_every_client_returns_the_same_samples(teacher, tokenizer):
     grpc_answer, http_answer, openai_answer = (a.results[0] for a in answers)
     assert len(grpc_answer.samples) == 2
     for native, over_http, over_openai in zip(grpc_answer.samples, http_answer.samples, openai_answer.samples, strict=True):
-        assert native.to_json() == over_http.to_json()
+        # Concurrent requests may share a forward pass: the same tokens, log-probs equal to float rounding.
+        assert (native.text, native.token_ids.tolist(), native.top_ids.tolist(), native.finish_reason) == (
+            over_http.text, over_http.token_ids.tolist(), over_http.top_ids.tolist(), over_http.finish_reason)
+        np.testing.assert_allclose(over_http.token_logprobs, native.token_logprobs, atol=1e-5)
+        np.testing.assert_allclose(over_http.top_logprobs, native.top_logprobs, atol=1e-5)
         assert over_openai.text == native.text
         assert over_openai.finish_reason == native.finish_reason
         np.testing.assert_allclose(over_openai.token_logprobs, native.token_logprobs, atol=1e-5)
