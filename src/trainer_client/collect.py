@@ -44,7 +44,7 @@ REQUEST_FIELDS = {
     "data_split", "eval_split", "method", "kd_targets", "top_k", "temperature",
     "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed", "route", "select",
     "judge_yes", "judge_no", "verifier",
-    "teacher_timeout", "teacher_max_wait", "api_key_file",
+    "teacher_timeout", "teacher_max_wait", "api_key_file", "teacher_ca_file",
 }
 
 

@@ -122,6 +122,9 @@ class TrainConfig(BaseModel):
     teacher_timeout: float = Field(60.0, gt=0, description="Seconds per teacher request.")
     teacher_max_wait: float = Field(600.0, gt=0, description="Seconds to wait for a teacher to come back before stopping.")
     api_key_file: str | None = Field(None, description="File with the teachers' API key.")
+    teacher_ca_file: str | None = Field(
+        None, description="PEM certificates to trust for grpcs:// and https:// teachers (default: the system's roots).",
+    )
 
     # --- teachers from disk (`potstill collect` makes the cache) ---
     teacher_cache: str | None = Field(None, description="Teacher cache directory written by `potstill collect`: teacher "
@@ -131,7 +134,7 @@ class TrainConfig(BaseModel):
     cache_miss: Literal["error", "live"] = Field("error", description="A request the cache cannot answer: stop with an "
                                                  "error, or ask the live --teacher endpoints (live).")
 
-    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_cache", "record_teacher_cache")
+    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_ca_file", "teacher_cache", "record_teacher_cache")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         # A hub id ("org/model") has no "~" and passes through unchanged.

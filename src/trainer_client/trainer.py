@@ -222,6 +222,7 @@ def connect_teachers(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRun
     return PoolRunner.connect(
         [*config.teachers, *(judge_spec(url, index) for index, url in enumerate(config.judges))],
         api_key=api_key,
+        ca_file=config.teacher_ca_file,
         timeout=config.teacher_timeout,
         max_wait=config.teacher_max_wait,
         student_fingerprint=tokenizer_fingerprint(tokenizer),

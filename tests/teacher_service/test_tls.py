@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import ipaddress
 import ssl
 import subprocess
@@ -105,3 +106,18 @@ def test_query_reaches_a_tls_teacher_with_a_ca_file(tls_teacher, certificates):
 def test_a_certificate_without_its_key_is_refused(tiny_model_dir, certificates):
     with pytest.raises(ValidationError, match="tls_cert and tls_key go together"):
         ServeOptions(model=tiny_model_dir, tls_cert=certificates["cert"])
+
+
+def test_a_training_run_reaches_tls_teachers_with_its_ca_file(tls_teacher, certificates, tiny_model_dir, tmp_path):
+    from potstill.toy.arithmetic import make_rows, write_jsonl
+    from trainer_client.config import TrainConfig
+    from trainer_client.trainer import train
+
+    data = str(write_jsonl(make_rows(16, seed=0), tmp_path / "train.jsonl"))
+    config = TrainConfig(student=tiny_model_dir, data=data, output=str(tmp_path / "run"), method="logit-kd", steps=2,
+                         batch_size=2, top_k=3, teachers=[tls_teacher.grpc_url, tls_teacher.http_url],
+                         teacher_ca_file=certificates["ca"], teacher_max_wait=5)
+    train(config, progress=False)
+    traffic = json.loads((tmp_path / "run" / "teacher_traffic.json").read_text())
+    assert sorted(url.split("://")[0] for url in traffic) == ["grpcs", "https"]
+    assert all(endpoint["requests"] > 0 for endpoint in traffic.values())
