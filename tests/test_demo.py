@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -65,6 +66,21 @@ def test_ctrl_c_stops_the_demo_and_its_teachers(tmp_path, toy_cache_dir):
                 process.kill()
     # The interrupted run kept its progress: a checkpoint to resume from.
     assert list(Path(tmp_path / "out" / "checkpoints").glob("step-*/trainer_state.json"))
+
+
+def test_teacher_build_shows_progress_and_a_cached_teacher_none(tmp_path, capsys):
+    from rich.console import Console
+
+    from potstill.demo import build_toy_teacher
+
+    tiny = {"steps": 6, "hidden_size": 32, "layers": 1, "heads": 2, "batch_size": 8, "train_rows": 100}
+    console = Console(file=io.StringIO())  # not a terminal: plain lines
+    build_toy_teacher(tmp_path, 0, tiny, console)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == [f"{step}/6" for step in range(1, 7)], lines
+    assert all(line.startswith("teacher step ") and "loss" in line for line in lines)
+    build_toy_teacher(tmp_path, 0, tiny, console)
+    assert capsys.readouterr().out == ""
 
 
 def test_demo_help_names_its_options(capsys):

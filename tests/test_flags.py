@@ -61,3 +61,18 @@ def test_train_flags_reach_the_config(tmp_path):
     args = parse(["train", "--student", "s", "--data", "d.jsonl", "--method", "sft", "--steps", "7", "--resume", "--loss", "jsd"])
     config = TrainConfig(**settings_values(args, TrainConfig))
     assert (config.steps, config.resume, config.loss, config.teachers) == (7, True, "jsd", [])
+
+
+@pytest.mark.parametrize("command", ["train", "serve", "eval"])
+def test_every_option_shows_its_default_or_that_it_is_required(command):
+    sub = build_parser([command])._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest not in ("help", "config"):
+            assert "default: " in action.help or "required" in action.help, (action.option_strings, action.help)
+
+
+def test_new_train_settings_show_choices_and_ranges():
+    text = " ".join(help_text("train").split())
+    assert "choices: float32, bfloat16, float16" in text  # --dtype
+    assert "choices: none, tensorboard, wandb, mlflow" in text  # --report-to
+    assert "(default: 0.05; range: >= 0, < 1)" in text  # --lora-dropout

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "query": ("trainer_client.query", "score or sample from a teacher endpoint"),
     "collect": ("trainer_client.collect", "ask teachers once over a dataset and store their answers as a teacher cache"),
     "train": ("trainer_client.trainer", "train a student from teacher endpoints or a teacher cache"),
+    "eval": ("trainer_client.evaluate", "evaluate a saved model: accuracy, CE on references, KL to each teacher"),
     "demo": ("potstill.demo", "the whole system on a toy task: serve a teacher, distil a student, report"),
 }
 

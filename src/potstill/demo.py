@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
-from potstill.toy.world import build_student, build_teacher, load
+from potstill.toy.world import build_student, build_teacher, is_built, load, teacher_spec
 from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.evaluation import accuracy
+from trainer_client.progress import RunProgress
 from trainer_client.report import read_metrics, write_report
 from trainer_client.trainer import train
 from trainer_client.verifiers import get_verifier
@@ -61,7 +62,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     # --- build ---
     console.print("[bold]1/4[/] building the toy teacher (cached after the first run) and the student")
     overrides = {"steps": options.teacher_steps} if options.teacher_steps else {}
-    teacher_dir = build_teacher("arith", options.cache_dir, seed=options.seed, **overrides)
+    teacher_dir = build_toy_teacher(options.cache_dir, options.seed, overrides, console)
     student_dir = build_student(options.cache_dir, seed=options.seed)
     data_dir = options.output / "data"
     train_path = write_jsonl(make_rows(20_000, seed=options.seed), data_dir / "train.jsonl")
@@ -106,6 +107,14 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult
     console.print(_summary_table(result))
     console.print(f"report: {result.report}")
     return result
+
+
+def build_toy_teacher(cache_dir: Path, seed: int, overrides: dict, console: Console) -> Path:
+    """The cached "arith" teacher, or a new build with a progress bar (plain lines off a terminal)."""
+    steps = teacher_spec("arith", **overrides).steps
+    building = not is_built("arith", cache_dir, seed, **overrides)
+    with RunProgress(steps, 0, every=max(1, steps // 10), enabled=building, console=console, label="teacher") as bar:
+        return build_teacher("arith", cache_dir, seed=seed, on_step=lambda step, loss: bar.update(step, f"loss {loss:.4f}"), **overrides)
 
 
 def model_accuracy(model_dir: Path, rows: list[dict]) -> float:

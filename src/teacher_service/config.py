@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from potstill.logs import LogFormat
 from potstill.usage import UsageError
 from teacher_service.auth import parse_keys, require_usable_keys
+from potstill.devices import DEVICE_HELP, DEVICE_PATTERN
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from teacher_service.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
@@ -31,7 +32,7 @@ class ServeOptions(BaseModel):
     host: str = Field("127.0.0.1", description="Address both servers listen on (0.0.0.0 in a container).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description=f"Where the model runs: {DEVICE_HELP}.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype.")
     api_key_file: str | None = Field(
         None, description="File of API keys clients must send as a Bearer token, one per line (any one of them is accepted).",

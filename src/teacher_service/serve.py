@@ -23,6 +23,7 @@ from pathlib import Path
 
 import uvicorn
 
+from potstill.devices import check_device
 from potstill.flags import add_schema_arguments, settings_values
 from potstill.logs import configure_logging
 from teacher_service.backends import load_backend
@@ -144,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     options = ServeOptions(**settings_values(args, ServeOptions, args.config, ENV_PREFIX)).with_api_keys()
     configure_logging(options.log_format)
+    options = options.model_copy(update={"device": check_device(options.device)})
     asyncio.run(serve_until_signalled(options))
     # Every request has been answered; skip the interpreter's teardown of torch and transformers
     # (seconds per process), so a stopped teacher frees its ports and its node at once.

@@ -72,7 +72,10 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
     state.optimizer.load_state_dict(_load_optimizer(directory))
     state.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     _load_rng(directory, state.accelerator.process_index)
-    return json.loads((directory / CHECKPOINT_MARKER).read_text())["step"]
+    step = json.loads((directory / CHECKPOINT_MARKER).read_text())["step"]
+    if state.accelerator.is_main_process:
+        print(f"resumed from step {step} ({directory})", flush=True)
+    return step
 
 
 # --- optimizer: tensors apart from the rest ---

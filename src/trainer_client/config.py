@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from potstill.devices import DEVICE_HELP, DEVICE_PATTERN
 from trainer_client.data import Columns
 
 Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided"]
@@ -102,20 +103,41 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW). 3e-4 suits models of ~100M and below; "
                       "use ~1e-5 to 5e-5 for billion-parameter students.")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     max_seq_len: int = Field(512, ge=8, description="Prompt + completion tokens kept per example.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seeds data order, sampling and new weights; a run is a function of it.")
+
+    # --- the student's precision, memory and device ---
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Student weights' dtype (float16 wants a GPU; bfloat16 halves memory on CPU too)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more time.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=f"Where the student trains: {DEVICE_HELP}.")
+
+    # --- LoRA adapters (peft) ---
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains every weight, more trains only adapters of this rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA adapters' input.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Comma-separated module names to adapt; by default peft's choice for the architecture "
+        "(q_proj,v_proj for Llama, Qwen, Mistral).",
+    )
+    merge_lora: bool = Field(False, description="Also save final/merged: the adapters folded into a plain model.")
 
     # --- bookkeeping ---
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(50, ge=1)
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
+        "none", description="Experiment tracker fed the metrics (metrics.jsonl is always written); "
+        "wandb and mlflow need the potstill[wandb] / potstill[mlflow] extras.",
+    )
+    log_every: int = Field(10, ge=1, description="Steps between metrics lines (and progress lines off a terminal).")
+    eval_every: int = Field(50, ge=1, description="Steps between held-out evaluations.")
     eval_rows: int = Field(256, ge=1, description="Held-out rows used per evaluation.")
     save_every: int = Field(100, ge=1, description="Checkpoint interval (steps).")
     verifier: str | None = Field(None, description="Checks generated answers against rows' 'answer' (e.g. 'integer').")
-    eval_max_new_tokens: int = Field(16, ge=1)
+    eval_max_new_tokens: int = Field(16, ge=1, description="Longest greedy completion when checking accuracy.")
 
     # --- teachers over the network ---
     prefetch: int = Field(4, ge=0, description="Batches prepared ahead of the optimizer (0 = wait for teachers each step).")
@@ -139,6 +161,11 @@ class TrainConfig(BaseModel):
     def _expand_home(cls, value: str | None) -> str | None:
         # A hub id ("org/model") has no "~" and passes through unchanged.
         return os.path.expanduser(value) if value else value
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value):
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @field_validator("judge_rubrics")
     @classmethod

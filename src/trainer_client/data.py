@@ -12,6 +12,10 @@ them, so data larger than memory trains without loading it. `stream_rows` reads 
 or a Parquet file as a stream, with no local copy at all (`potstill collect --streaming`).
 Column-mapping settings say which columns hold the prompt, completion and answer.
 
+A row may carry OpenAI-style chat `messages` ([{"role", "content"}, ...]) instead of a prompt:
+the turns before a closing assistant turn are the prompt (kept as turns, for the student's chat
+template and for teachers to render with theirs), and that turn's content is the completion.
+
 A malformed row is an error naming its file and line (or row index), or, when asked, skipped
 and counted. The order of rows in a run is a pure function of (seed, epoch), so a step number
 alone says which rows it trains on: that is what makes `--resume` exact.
@@ -26,11 +30,18 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ARROW_BATCH_ROWS = 4096  # rows checked at a time when a dataset is opened
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
 
 
 class Row(BaseModel):
@@ -38,11 +49,36 @@ class Row(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    prompt: str = Field(min_length=1)
+    prompt: str | list[ChatTurn] = Field(min_length=1)
     completion: str | None = None
     answer: str | None = None
     task: str | None = Field(None, description="The row's task; teachers tagged with it serve it (--route tags).")
     tags: list[str] = Field(default_factory=list, description="More labels that pick teachers, like `task`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_messages(cls, data: Any) -> Any:
+        """`messages` rows: a closing assistant turn becomes the completion, the turns before it the prompt."""
+        if not isinstance(data, dict) or data.get("messages") is None:
+            return data
+        if data.get("prompt") is not None:
+            raise ValueError("a row has 'prompt' or 'messages', not both")
+        messages = data["messages"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("'messages' must be a non-empty list of {role, content} turns")
+        rest = {key: value for key, value in data.items() if key not in ("messages", "prompt")}
+        if messages[-1].get("role") == "assistant" and rest.get("completion") is None:
+            return {**rest, "prompt": messages[:-1], "completion": messages[-1].get("content")}
+        return {**rest, "prompt": messages}
+
+    def chat_turns(self) -> list[dict] | None:
+        """The prompt's chat turns as plain dicts (what teachers receive), or None for a text prompt."""
+        return [turn.model_dump() for turn in self.prompt] if isinstance(self.prompt, list) else None
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as text: itself, or its turns' contents one per line (for a judge's rubric)."""
+        return self.prompt if isinstance(self.prompt, str) else "\n".join(turn.content for turn in self.prompt)
 
     def labels(self) -> set[str]:
         """The task and tags that pick this row's teachers."""
@@ -130,10 +166,10 @@ def _split(dataset_dict, split: str, source: str):
 
 def _load_arrow(source: str, dataset, columns: Columns, skip_bad_rows: bool) -> Dataset:
     """Check every row once (a batch of columns at a time, without building rows), then read rows on access."""
-    if columns.prompt not in dataset.column_names:
+    if columns.prompt not in dataset.column_names and "messages" not in dataset.column_names:
         raise DataError(f"{source}: no column {columns.prompt!r} for the prompt (columns: {', '.join(dataset.column_names)}); "
                         "name the right one with --prompt-column")
-    checked = (columns.prompt, columns.completion, columns.answer, "task", "tags")
+    checked = (columns.prompt, columns.completion, columns.answer, "messages", "task", "tags")
     present = [column for column in checked if column in dataset.column_names]
     bad: list[int] = []
     for start, batch in zip(itertools.count(0, ARROW_BATCH_ROWS), dataset.select_columns(present).iter(batch_size=ARROW_BATCH_ROWS)):

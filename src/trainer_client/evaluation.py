@@ -10,19 +10,20 @@ from collections.abc import Callable
 
 import torch
 
-from trainer_client.data import Row
+from trainer_client.data import ChatTurn, Row
 from trainer_client.losses import distillation_loss
-from trainer_client.samples import Example, StudentTokens
+from trainer_client.samples import Example, StudentTokens, encode_prompt
 from trainer_client.student_loss import collate
 
 
 @torch.inference_mode()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of text prompts (tokenized as in training), left-padded in batches, cut at EOS."""
+def greedy_completions(model, tokenizer, prompts: list[str | list[ChatTurn]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of text or chat prompts (encoded as in training), left-padded in batches, cut at EOS."""
     device = next(model.parameters()).device
     completions = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt").to(device)
+        ids = [{"input_ids": encode_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
+        batch = tokenizer.pad(ids, padding=True, padding_side="left", return_tensors="pt").to(device)
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -41,7 +41,7 @@ class Judge:
 
     async def score(self, groups: list[PromptGroup]) -> None:
         """Fill `candidate.scores[dimension]` for every candidate of every group."""
-        asked = [(c, dimension, rubric.format(prompt=g.row.prompt, completion=c.text))
+        asked = [(c, dimension, rubric.format(prompt=g.row.prompt_text, completion=c.text))
                  for g in groups for c in g.candidates for dimension, rubric in self.rubrics.items()]
         if not asked:
             return

@@ -14,6 +14,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Fractions the report reads as percentages.
+PERCENT_KEYS = {"eval/accuracy", "teacher_wait_fraction"}
+
 # (metric key, plot title, file name)
 CURVES = [
     ("loss", "Training loss", "loss.png"),
@@ -64,6 +67,10 @@ def _method_stats(records: list[dict]) -> dict[str, tuple[float, float]]:
     return {key: (_series(records, key)[1][0], _series(records, key)[1][-1]) for key in keys}
 
 
+def _shown(key: str, value: float) -> str:
+    return f"{value:.1%}" if key in PERCENT_KEYS else f"{value:.4g}"
+
+
 def write_report(run_dir: str | Path, summary_markdown: str = "", title: str = "Potstill training run") -> Path:
     """Write plots and `report.md` into `run_dir`; returns the report's path."""
     run_dir = Path(run_dir)
@@ -73,7 +80,7 @@ def write_report(run_dir: str | Path, summary_markdown: str = "", title: str = "
         steps, values = _series(records, key)
         if steps:
             _plot_curve(steps, values, caption, run_dir / file_name)
-            sections.append(f"## {caption}\n\n![{caption}]({file_name})\n\nlast: {values[-1]:.4g} at step {steps[-1]}\n")
+            sections.append(f"## {caption}\n\n![{caption}]({file_name})\n\nlast: {_shown(key, values[-1])} at step {steps[-1]}\n")
     method_stats = _method_stats(records)
     if method_stats:
         rows = "\n".join(f"| {key} | {first:.3f} | {last:.3f} |" for key, (first, last) in method_stats.items())

@@ -44,6 +44,12 @@ def tagged_teachers(row: Row, teachers: list[TeacherInfo]) -> list[str]:
     return matching or [t.name for t in teachers]
 
 
+def _teacher_prompt(group: PromptGroup) -> list[int] | list[dict]:
+    """What a teacher is asked to continue: chat turns as turns (each teacher applies its own
+    template), a text prompt as the student's ids."""
+    return group.row.chat_turns() or group.prompt_ids
+
+
 class Router:
     def __init__(self, config: TrainConfig, tokens: StudentTokens, source: TeacherSource, teachers: list[TeacherInfo]):
         self.config, self.tokens, self.source, self.teachers = config, tokens, source, teachers
@@ -71,7 +77,8 @@ class Router:
                 by_teacher[name].append(index)
         names = list(by_teacher)
         responses = await asyncio.gather(*(
-            self.source.generate(name, self._generate_request([groups[i].prompt_ids for i in by_teacher[name]], seed)) for name in names
+            self.source.generate(name, self._generate_request([_teacher_prompt(groups[i]) for i in by_teacher[name]], seed))
+            for name in names
         ))
         for name, response in zip(names, responses):
             same_tokenizer = self.source.group(name).info.tokenizer_fingerprint == self.tokens.fingerprint
@@ -81,7 +88,7 @@ class Router:
             await self.reference_ce(groups)
         return groups
 
-    def _generate_request(self, prompts: list[list[int]], seed: int) -> dict:
+    def _generate_request(self, prompts: list, seed: int) -> dict:
         return {
             "prompts": prompts,
             "n": self.config.samples_per_prompt,
@@ -98,7 +105,8 @@ class Router:
         missing = [g.row.prompt for g in groups if g.row.completion is None]
         if missing:
             raise ValueError(f"--route lowest-ce needs a 'completion' in every row; missing for {missing[0]!r}")
-        request = {"sequences": [{"prompt": g.row.prompt, "completion": g.row.completion} for g in groups], "top_logprobs": 0}
+        request = {"sequences": [{"prompt": g.row.chat_turns() or g.row.prompt, "completion": g.row.completion} for g in groups],
+                   "top_logprobs": 0}
         responses = await asyncio.gather(*(self.source.score(t.name, request) for t in self.teachers))
         for teacher, response in zip(self.teachers, responses):
             for group, result in zip(groups, response.results):

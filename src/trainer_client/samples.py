@@ -15,7 +15,7 @@ import numpy as np
 
 from potstill.fingerprint import tokenizer_fingerprint
 from teacher_service.protocol import Sample
-from trainer_client.data import Row
+from trainer_client.data import ChatTurn, Row
 
 STUDENT = "student"  # the `author` of a candidate the student sampled itself
 
@@ -72,6 +72,17 @@ class PromptGroup:
         ]
 
 
+def encode_prompt(tokenizer, prompt: str | list[ChatTurn]) -> list[int]:
+    """A text prompt's ids (with the tokenizer's special tokens), or chat turns rendered with its
+    chat template up to the opening of the assistant's turn."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise ValueError("chat ('messages') rows need a student tokenizer with a chat template; this one has none")
+    turns = [turn.model_dump() for turn in prompt]
+    return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 class StudentTokens:
     """How the student turns rows and teacher samples into token ids."""
 
@@ -81,8 +92,8 @@ class StudentTokens:
         self.eos_id = tokenizer.eos_token_id
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
-    def prompt(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+    def prompt(self, prompt: str | list[ChatTurn]) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
 
     def target(self, text: str, ends: bool = True) -> list[int]:
         """A completion's ids, closed by EOS when the text is complete (so the student learns to stop)."""

@@ -21,14 +21,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
+from potstill.devices import check_device
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
 from trainer_client.cache_source import (
@@ -48,11 +47,14 @@ from trainer_client.guided import Guided
 from trainer_client.judges import JUDGE_TAG
 from trainer_client.methods import SFT, LogitKD, Method, SampledTargets, attach_teacher_distributions
 from trainer_client.pool import PoolRunner, TeacherSpec
+from trainer_client.progress import RunProgress
 from trainer_client.report import write_report
 from trainer_client.samples import Example, StudentTokens
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
+from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
 from trainer_client.teachers import TeacherUnavailable
+from trainer_client.tracking import MetricsLog, accelerator_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
 
 METHODS: dict[str, type[Method]] = {
@@ -73,32 +75,29 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         # --- build ---
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
-        # cpu=True on a machine without CUDA: under torchrun, Accelerate then joins the processes over
-        # gloo; without it each process would train alone and all of them would write the same run.
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
-        )
+        accelerator = build_accelerator(config, output)
         set_seed(config.seed)
-        tokenizer, model = load_student(config.student)
+        tokenizer, model = load_student(config)
         tokens = StudentTokens(tokenizer, config.max_seq_len)
         data = load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split)
         eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
-        student = StudentView(model, tokens)
+        student = StudentView(transformer_model(model), tokens)
         if runner:
             traffic = output / ("teacher_traffic.json" if accelerator.is_main_process else f"teacher_traffic.rank{accelerator.process_index}.json")
             cleanup.callback(lambda: traffic.write_text(json.dumps(runner.pool.stats(), indent=2)))
         method = METHODS[config.method](config, tokens, runner.pool if runner else None)
         evaluator = build_evaluator(config, eval_rows, tokens, runner, method) if eval_rows else None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
         model, optimizer = accelerator.prepare(model, optimizer)
         state = TrainingState(accelerator, model, optimizer, scheduler)
         start_step = resume_from_checkpoint(state, output) if config.resume else 0
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
-                             writer=accelerator.is_main_process)
+                             accelerator=accelerator)
+        start_tracking(accelerator, config.report_to, output, config.model_dump())
+        cleanup.callback(accelerator.end_training)
         if accelerator.is_main_process:
             (output / "config.json").write_text(config.model_dump_json(indent=2))
             if data.skipped:
@@ -119,8 +118,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         waited = stepped = 0.0
         final_eval: dict[str, float] = {}
         try:
-            with _progress_bar(progress and accelerator.is_main_process) as bar:
-                task = bar.add_task("train", total=config.steps, completed=start_step, status="")
+            with RunProgress(config.steps, start_step, config.log_every, progress and accelerator.is_main_process) as bar:
                 for step in range(start_step, config.steps):
                     started = time.perf_counter()
                     losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, method, step, config)
@@ -136,7 +134,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                     if completed % config.save_every == 0 and completed < config.steps:
                         save_checkpoint(state, output, completed)
                     rate = (completed - start_step) / stepped
-                    bar.update(task, completed=completed,
+                    bar.update(completed,
                                status=f"{rate:.2f} step/s  loss {losses['loss']:.4f}  waiting on teachers {waited / stepped:.0%}")
                     if stop_requested.is_set():
                         raise KeyboardInterrupt
@@ -151,7 +149,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             ) from error
 
     # --- save (the last evaluation ran at the last step) ---
-    save_final(accelerator, model, tokenizer, output)
+    save_final(accelerator, model, tokenizer, output, config.merge_lora)
     if accelerator.is_main_process:
         write_report(output)
     return RunResult(output, config.steps, final_eval, waited / stepped if stepped else 0.0)
@@ -186,12 +184,15 @@ def load_eval_rows(config: TrainConfig) -> list:
     return load_rows(config.eval_data, config.skip_bad_rows, config.columns, config.eval_split).rows[: config.eval_rows]
 
 
-def load_student(name: str):
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    return tokenizer, model
+def build_accelerator(config: TrainConfig, output: Path) -> Accelerator:
+    """bf16 autocast where the GPU has it (for a float32 student); the device and tracker the config names."""
+    # cpu=True on a machine without CUDA: under torchrun, Accelerate then joins the processes over
+    # gloo; without it each process would train alone and all of them would write the same run.
+    on_cpu = check_device(config.device) == "cpu"
+    autocast = not on_cpu and config.dtype == "float32" and torch.cuda.is_bf16_supported()
+    if config.device.startswith("cuda:"):
+        torch.cuda.set_device(int(config.device.partition(":")[2]))
+    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no", **accelerator_tracking(config.report_to, output))
 
 
 def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
@@ -273,7 +274,7 @@ def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher,
     # Σ over processes of each one's mean-reduced gradient: each process scales by the world size.
     scale = accelerator.num_processes / max(total_weight, 1e-12)
     totals: dict[str, float] = {"loss": 0.0}
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = transformer_model(accelerator.unwrap_model(model))
     for examples in micros:
         if not examples:
             continue
@@ -346,40 +347,10 @@ def _done(coroutine) -> Future:
 # --- checkpoints and outputs ---
 
 
-def save_final(accelerator, model, tokenizer, output: Path) -> None:
+def save_final(accelerator, model, tokenizer, output: Path, merge_lora: bool = False) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output / "final")
-        tokenizer.save_pretrained(output / "final")
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, each with its `step`. On resume, lines past the
-    checkpoint (written by the interrupted run after it) are dropped so no step appears twice.
-    Only the `writer` process (the main one of a distributed run) touches the file."""
-
-    def __init__(self, path: Path, keep_through_step: int | None, writer: bool = True):
-        self.path = path
-        self.writer = writer
-        if writer and path.exists():
-            lines = path.read_text().splitlines() if keep_through_step is not None else []
-            kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.writer:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as log:
-            log.write(json.dumps(record) + "\n")
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        disable=not enabled,
-    )
+        save_student(accelerator.unwrap_model(model), tokenizer, output / "final", merge_lora)
 
 
 # --- command line ---
@@ -390,11 +361,11 @@ def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None)
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--teacher", dest="teachers", action="append", metavar="URL",
                         help="teacher endpoint (repeatable): grpc://h:p, http://h:p, openai+http://h:p/v1; "
-                        "'#name=N&tags=a,b&weight=W' names, tags or weights it")
+                        "'#name=N&tags=a,b&weight=W' names, tags or weights it (default: none; needed by every method but sft)")
     parser.add_argument("--judge", dest="judges", action="append", metavar="URL",
-                        help="judge endpoint (repeatable; any teacher service), for --select judge")
+                        help="judge endpoint (repeatable; any teacher service), for --select judge (default: none)")
     parser.add_argument("--judge-rubric", dest="judge_rubrics", action="append", metavar="NAME=TEMPLATE", type=_rubric,
-                        help="judge prompt for one dimension, with {prompt} and {completion} (repeatable; replaces the default "
+                        help="judge prompt for one dimension, with {prompt} and {completion} (repeatable; default: "
                         f"{TrainConfig.model_fields['judge_rubrics'].default_factory()})")
     others = {name for name in TrainConfig.model_fields if only is not None and name not in only}
     add_schema_arguments(parser, TrainConfig, skip={"teachers", "judges", "judge_rubrics", *others})
@@ -421,3 +392,4 @@ def main(args: argparse.Namespace) -> None:
     result = train(config)
     print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,
                       "teacher_wait_fraction": round(result.teacher_wait_fraction, 4)}))
+    print(f"report: {result.output / 'report.md'}")

@@ -7,6 +7,8 @@ mechanics, not the accuracy the full specs reach.
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,6 +170,25 @@ def test_incomplete_or_different_build_is_redone(tmp_path):
     assert json.loads((path / world.MARKER).read_text())["steps"] == 2
     world.build_teacher("add-only", tmp_path, **{**TINY, "steps": 3})
     assert json.loads((path / world.MARKER).read_text())["steps"] == 3
+
+
+def test_two_builds_at_once_train_once_and_both_get_the_finished_teacher(tmp_path):
+    """Two demos sharing a cache: the second waits on the lock, then reuses the first's build."""
+    steps_seen: list[int] = []
+    results: list[Path] = []
+
+    def build() -> None:
+        results.append(world.build_teacher("arith", tmp_path, on_step=lambda step, loss: steps_seen.append(step), **TINY))
+
+    builders = [threading.Thread(target=build) for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    assert results == [tmp_path / "arith"] * 2
+    assert steps_seen == list(range(1, TINY["steps"] + 1))  # one build, not two interleaved
+    assert world.is_built("arith", tmp_path, **TINY)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "arith")
 
 
 def test_unknown_teacher_names_the_known_ones(tmp_path):

@@ -195,7 +195,9 @@ def test_cli_runs_from_a_yaml_config_with_flags_overriding_it(models, data, tmp_
         f"output: {tmp_path / 'from-yaml'}\n"
     )
     cli_main(["train", "--config", str(config_file), "--steps", "3", "--output", str(tmp_path / "from-flags")])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    *_, summary_line, last_line = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(summary_line)
+    assert last_line == f"report: {tmp_path / 'from-flags' / 'report.md'}"
     assert summary["steps"] == 3 and summary["output"] == str(tmp_path / "from-flags")
     assert json.loads((tmp_path / "from-flags" / "config.json").read_text())["batch_size"] == 4
 

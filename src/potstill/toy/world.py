@@ -3,6 +3,8 @@
 Every model is a tiny Llama saved in Hugging Face format with its tokenizer, so the teacher
 service and the trainer load it with `AutoModelForCausalLM.from_pretrained`. Builds are cached:
 `cache_dir/<name>` is reused when its marker file, written last, records the same spec and seed.
+A build holds a file lock (`cache_dir/<name>.lock`), so two demos or test runs sharing a cache
+wait for each other instead of one rebuilding the other's half-written model.
 A teacher learns by plain supervised training on `prompt + completion + EOS` with the loss on the
 completion tokens only; the student is left untrained, for distillation to teach.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from potstill.toy.arithmetic import make_judge_rows, make_rows
@@ -75,40 +78,61 @@ STUDENT_CONFIG = {"hidden_size": 96, "layers": 2, "heads": 4}
 STUDENT_SFT = {"steps": 1000, "batch_size": 128, "lr": 1.5e-3}
 
 
-def build_teacher(name: str, cache_dir: str | Path, seed: int = 0, **overrides) -> Path:
+def build_teacher(
+    name: str, cache_dir: str | Path, seed: int = 0, on_step: Callable[[int, float], None] | None = None, **overrides
+) -> Path:
     """Train the teacher `TEACHER_SPECS[name]` (fields replaced by `overrides`); returns its folder.
 
-    Reuses `cache_dir/name` when a previous build with the same spec and seed completed there.
+    Reuses `cache_dir/name` when a previous build with the same spec and seed completed there;
+    `on_step(step, loss)` follows a build that does train (its total is `teacher_spec(...).steps`).
     """
-    if name not in TEACHER_SPECS:
-        raise ValueError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHER_SPECS)}")
-    spec = replace(TEACHER_SPECS[name], **overrides)
+    spec = teacher_spec(name, **overrides)
     path = Path(cache_dir) / name
     recipe = {"teacher": name, "seed": seed, **asdict(spec)}
-    if _is_cached(path, recipe):
-        return path
-    _start_fresh(path)
-    build_tiny_model(path, seed, hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads)
-    model, tokenizer = load(path)
-    if spec.judge:
-        rows = make_judge_rows(spec.train_rows, seed, spec.ops, spec.digits, "train")
-    else:
-        rows = make_rows(spec.train_rows, seed, spec.ops, spec.digits, "train", spec.wrong_rate)
-    losses = train_supervised(model, tokenizer, rows, spec.steps, spec.batch_size, spec.lr, seed)
-    model.save_pretrained(path)
-    _write_marker(path, {**recipe, "final_loss": sum(losses[-50:]) / len(losses[-50:])})
+    with _build_lock(path):
+        if _is_cached(path, recipe):
+            return path
+        _start_fresh(path)
+        build_tiny_model(path, seed, hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads)
+        model, tokenizer = load(path)
+        if spec.judge:
+            rows = make_judge_rows(spec.train_rows, seed, spec.ops, spec.digits, "train")
+        else:
+            rows = make_rows(spec.train_rows, seed, spec.ops, spec.digits, "train", spec.wrong_rate)
+        losses = train_supervised(model, tokenizer, rows, spec.steps, spec.batch_size, spec.lr, seed, on_step)
+        model.save_pretrained(path)
+        _write_marker(path, {**recipe, "final_loss": sum(losses[-50:]) / len(losses[-50:])})
     return path
+
+
+def teacher_spec(name: str, **overrides) -> TeacherSpec:
+    if name not in TEACHER_SPECS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHER_SPECS)}")
+    return replace(TEACHER_SPECS[name], **overrides)
+
+
+def is_built(name: str, cache_dir: str | Path, seed: int = 0, **overrides) -> bool:
+    """Whether `build_teacher` with these arguments would reuse a finished build."""
+    recipe = {"teacher": name, "seed": seed, **asdict(teacher_spec(name, **overrides))}
+    return _is_cached(Path(cache_dir) / name, recipe)
 
 
 def build_student(cache_dir: str | Path, seed: int = 0) -> Path:
     """Save the randomly initialised student (`STUDENT_CONFIG`) under `cache_dir/student`."""
     path = Path(cache_dir) / "student"
     recipe = {"student": STUDENT_CONFIG, "seed": seed}
-    if not _is_cached(path, recipe):
-        _start_fresh(path)
-        build_tiny_model(path, seed, **STUDENT_CONFIG)
-        _write_marker(path, recipe)
+    with _build_lock(path):
+        if not _is_cached(path, recipe):
+            _start_fresh(path)
+            build_tiny_model(path, seed, **STUDENT_CONFIG)
+            _write_marker(path, recipe)
     return path
+
+
+def _build_lock(path: Path) -> FileLock:
+    """An exclusive lock beside the build folder (inside it, `_start_fresh` would delete it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.parent / f"{path.name}.lock")
 
 
 def load(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
