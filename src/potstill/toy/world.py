@@ -3,7 +3,7 @@
 Every model is a tiny Llama saved in Hugging Face format with its tokenizer, so the teacher
 service and the trainer load it with `AutoModelForCausalLM.from_pretrained`. Builds are cached:
 `cache_dir/<name>` is reused when its marker file, written last, records the same spec and seed.
-A build holds a file lock (`cache_dir/<name>.lock`), so two demos or test runs sharing a cache
+A build holds a file lock (`cache_dir/<name>/.build.lock`), so two demos or test runs sharing a cache
 wait for each other instead of one rebuilding the other's half-written model.
 A teacher learns by plain supervised training on `prompt + completion + EOS` with the loss on the
 completion tokens only; the student is left untrained, for distillation to teach.
@@ -129,10 +129,13 @@ def build_student(cache_dir: str | Path, seed: int = 0) -> Path:
     return path
 
 
+LOCK = ".build.lock"  # inside the build folder, kept when a build starts afresh
+
+
 def _build_lock(path: Path) -> FileLock:
-    """An exclusive lock beside the build folder (inside it, `_start_fresh` would delete it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path.parent / f"{path.name}.lock")
+    """An exclusive lock on building `path` (shared by every process using this cache)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return FileLock(path / LOCK)
 
 
 def load(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -155,10 +158,12 @@ def _as_json(value):
 
 
 def _start_fresh(path: Path) -> None:
-    """Remove an incomplete or outdated build before writing a new one."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    """Remove an incomplete or outdated build (all but the lock held while building) before writing a new one."""
+    for entry in path.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name != LOCK:
+            entry.unlink()
 
 
 def _write_marker(path: Path, recipe: dict) -> None:
