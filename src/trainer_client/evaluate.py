@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from potstill.devices import DEVICE_HELP, DEVICE_PATTERN, check_device
@@ -110,7 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     config = EvalConfig(**settings_values(args, EvalConfig))
-    torch.set_grad_enabled(False)
     results = evaluate(config)
     print(json.dumps(results))
     print(f"summary: {Path(config.output) / 'eval.md'}")
