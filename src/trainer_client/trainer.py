@@ -104,6 +104,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 print(f"skipped {data.skipped} malformed rows of {config.data}")
 
         # --- train ---
+        # From here on a first Ctrl-C (even during the baseline evaluation) ends the run at a step boundary, checkpointed.
+        stop_requested = cleanup.enter_context(_stop_at_step_boundary())
         if evaluator and start_step == 0:
             metrics.write({"step": 0, **evaluator(accelerator.unwrap_model(model))})  # the baseline
         completed = start_step  # steps whose update the model holds: what a checkpoint must record
@@ -114,7 +116,6 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             cleanup.callback(lambda: record_run(Path(config.record_teacher_cache), runner.pool, request_settings(config, tokens.fingerprint),
                                                 {"train": {"source": config.data, "rows": len(data)}}, (start_step, completed)))
         prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student)))
-        stop_requested = cleanup.enter_context(_stop_at_step_boundary())
         waited = stepped = 0.0
         final_eval: dict[str, float] = {}
         try:
