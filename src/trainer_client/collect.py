@@ -41,7 +41,7 @@ from trainer_client import trainer
 # The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
 REQUEST_FIELDS = {
     "student", "data", "eval_data", "eval_rows", "skip_bad_rows", "prompt_column", "completion_column", "answer_column",
-    "data_split", "eval_split", "method", "kd_targets", "top_k", "temperature",
+    "data_split", "eval_split", "data_streaming", "method", "kd_targets", "top_k", "temperature",
     "samples_per_prompt", "sample_temperature", "max_new_tokens", "max_seq_len", "batch_size", "seed", "route", "select",
     "judge_yes", "judge_no", "verifier",
     "teacher_timeout", "teacher_max_wait", "api_key_file", "teacher_ca_file",
@@ -55,8 +55,6 @@ class CollectOptions(BaseModel):
     shard_rows: int = Field(1024, ge=1, description="Data rows per shard: the unit that is redone after an interruption.")
     fp16: bool = Field(False, description="Store log-probs as float16 (half the bytes of float32; ~1e-3 relative error).")
     pack_ids: bool = Field(False, description="Store token ids in ceil(log2(vocab_size)) bits instead of 32.")
-    streaming: bool = Field(False, description="Stream --data (a hub dataset or Parquet file) instead of opening it whole: "
-                            "nothing is copied to disk; a resumed collect reads past the finished shards' rows.")
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     vocab_size = AutoConfig.from_pretrained(config.student).vocab_size
     tokens = StudentTokens(tokenizer, config.max_seq_len)
-    if options.streaming:
+    if config.data_streaming:  # in data order; a resumed collect reads past the finished shards' rows
         parts: dict[str, Sequence[Row] | Iterable[Row]] = {"train": stream_rows(config.data, config.columns, config.data_split)}
     else:
         parts = {"train": load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split).rows}

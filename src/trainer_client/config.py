@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     answer_column: str = Field("answer", description="Column holding the verifiable answer (optional in the data).")
     data_split: str = Field("train", description="Split of a hub dataset or saved DatasetDict used for training.")
     eval_split: str = Field("test", description="Split of a hub dataset or saved DatasetDict used for evaluation.")
+    data_streaming: bool = Field(False, description="Read --data as a stream (hub dataset, Parquet or JSONL file), with no "
+                                 "local copy: for data larger than memory and disk. Training shuffles it through a buffer.")
+    shuffle_buffer: int = Field(10_000, ge=1, description="Rows in the shuffle buffer of streamed training data.")
     output: str = Field("runs/potstill", description="Run directory: metrics.jsonl, checkpoints/, final/, report.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in the output directory.")
     skip_bad_rows: bool = Field(False, description="Skip malformed data rows (counted) instead of failing.")

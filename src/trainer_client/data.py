@@ -8,8 +8,9 @@
   repository, loaded with `datasets.load_dataset` and a split.
 
 Arrow-backed data (everything but JSONL) is memory-mapped: rows are read when a step needs
-them, so data larger than memory trains without loading it. `stream_rows` reads a hub dataset
-or a Parquet file as a stream, with no local copy at all (`potstill collect --streaming`).
+them, so data larger than memory trains without loading it. With `--data-streaming`, rows are
+read as a stream with no local copy at all: in order by `potstill collect` (`stream_rows`),
+shuffled through a buffer by training (`StreamedRows`).
 Column-mapping settings say which columns hold the prompt, completion and answer.
 
 A row may carry OpenAI-style chat `messages` ([{"role", "content"}, ...]) instead of a prompt:
@@ -202,22 +203,65 @@ def _problem(record: dict[str, Any]) -> str | None:
 
 
 def stream_rows(source: str, columns: Columns = Columns(), split: str = "train") -> Iterator[Row]:
-    """The rows of a hub dataset or a Parquet file, streamed (nothing is copied to disk); a malformed row is an error."""
+    """The rows of a hub dataset, a Parquet or a JSONL file, streamed in order (nothing is copied to disk);
+    a malformed row is an error."""
+    return _valid_rows(_open_stream(source, split), columns, source)
+
+
+def _open_stream(source: str, split: str):
     import datasets
 
     path = Path(source)
-    if path.is_file() and path.suffix != ".parquet":
-        yield from _load_jsonl(path, skip_bad_rows=False).rows
-        return
-    if path.is_file() and path.suffix == ".parquet":
-        stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    else:
-        stream = datasets.load_dataset(source, split=split, streaming=True)
-    for index, record in enumerate(stream):
+    if path.is_file():
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    return datasets.load_dataset(source, split=split, streaming=True)
+
+
+def _valid_rows(records, columns: Columns, source: str) -> Iterator[Row]:
+    for index, record in enumerate(records):
         problem = _problem(columns.row(record))
         if problem is not None:
             raise DataError(f"{source}: row {index}: malformed row: {problem}")
         yield Row.model_validate(columns.row(record))
+
+
+class StreamedRows:
+    """Training rows read from a stream (`stream_rows`' sources), epoch after epoch, each epoch
+    shuffled through a buffer of `buffer` rows seeded by (seed, epoch) (`IterableDataset.shuffle`
+    and `set_epoch`). Micro-batch `step` holds rows [step * size, (step + 1) * size) of that endless
+    sequence, so a step number alone still says which rows it trains on. Batches are read in
+    increasing order; asking for an earlier one (a resumed run's first) reads the stream again
+    from its start, skipping to it."""
+
+    skipped = 0  # a malformed streamed row is an error, never skipped
+
+    def __init__(self, source: str, columns: Columns = Columns(), split: str = "train", seed: int = 0, buffer: int = 10_000):
+        self.source, self.columns, self.split, self.seed, self.buffer = source, columns, split, seed, buffer
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rows, self.position = self._endless(), 0
+
+    def _endless(self) -> Iterator[Row]:
+        for epoch in itertools.count():
+            stream = _open_stream(self.source, self.split).shuffle(seed=self.seed, buffer_size=self.buffer)
+            stream.set_epoch(epoch)
+            empty = True
+            for row in _valid_rows(stream, self.columns, self.source):
+                empty = False
+                yield row
+            if empty:
+                raise DataError(f"{self.source}: no usable rows")
+
+    def batch(self, step: int, size: int) -> list[Row]:
+        start = step * size
+        if start < self.position:
+            self._restart()
+        for _ in range(start - self.position):
+            next(self._rows)
+        self.position = start + size
+        return [next(self._rows) for _ in range(size)]
 
 
 def _load_jsonl(path: Path, skip_bad_rows: bool) -> Dataset:
@@ -244,8 +288,10 @@ def _first_problem(error: Exception) -> str:
     return str(error)
 
 
-def rows_for_step(dataset: Dataset, step: int, batch_size: int, seed: int) -> list[Row]:
+def rows_for_step(dataset: Dataset | StreamedRows, step: int, batch_size: int, seed: int) -> list[Row]:
     """The `batch_size` rows of micro-batch number `step`, walking epochs shuffled by (seed, epoch)."""
+    if isinstance(dataset, StreamedRows):
+        return dataset.batch(step, batch_size)
     size = len(dataset)
     start = step * batch_size
     return [dataset.rows[_epoch_order(size, seed, index // size)[index % size]] for index in range(start, start + batch_size)]

@@ -41,7 +41,7 @@ from trainer_client.cache_source import (
 )
 from trainer_client.checkpoints import TrainingState, resume_from_checkpoint, save_checkpoint
 from trainer_client.config import TrainConfig
-from trainer_client.data import Dataset, load_rows, rows_for_step
+from trainer_client.data import Dataset, StreamedRows, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
 from trainer_client.guided import Guided
 from trainer_client.judges import JUDGE_TAG
@@ -79,7 +79,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         set_seed(config.seed)
         tokenizer, model = load_student(config)
         tokens = StudentTokens(tokenizer, config.max_seq_len)
-        data = load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split)
+        data = load_training_rows(config)
         eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
@@ -113,8 +113,9 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             if accelerator.num_processes > 1:
                 raise ValueError("--record-teacher-cache records single-process runs; collect the cache with `potstill collect`")
             # Registered before the prefetcher, so it runs after the prefetcher stopped: nothing is still arriving.
+            rows = None if config.data_streaming else len(data)
             cleanup.callback(lambda: record_run(Path(config.record_teacher_cache), runner.pool, request_settings(config, tokens.fingerprint),
-                                                {"train": {"source": config.data, "rows": len(data)}}, (start_step, completed)))
+                                                {"train": {"source": config.data, "rows": rows}}, (start_step, completed)))
         prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student)))
         waited = stepped = 0.0
         final_eval: dict[str, float] = {}
@@ -176,6 +177,12 @@ def _stop_at_step_boundary():
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def load_training_rows(config: TrainConfig) -> Dataset | StreamedRows:
+    if config.data_streaming:
+        return StreamedRows(config.data, config.columns, config.data_split, config.seed, config.shuffle_buffer)
+    return load_rows(config.data, config.skip_bad_rows, config.columns, config.data_split)
 
 
 def load_eval_rows(config: TrainConfig) -> list:
@@ -304,7 +311,7 @@ class Prefetcher:
     micro-batches when the step starts (all of them, so their teacher calls overlap), with the
     student's weights of that step. `get` blocks only on teachers that have not answered yet."""
 
-    def __init__(self, method: Method, data: Dataset, config: TrainConfig, accelerator, runner: PoolRunner | None, student: StudentView):
+    def __init__(self, method: Method, data: Dataset | StreamedRows, config: TrainConfig, accelerator, runner: PoolRunner | None, student: StudentView):
         self.method, self.data, self.config, self.runner, self.student = method, data, config, runner, student
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.pending: dict[int, Future] = {}

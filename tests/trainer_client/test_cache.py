@@ -217,12 +217,12 @@ def test_packed_ids_round_trip(bits):
     assert np.array_equal(unpack_ids(packed, bits, 15).reshape(5, 3), ids)
 
 
-def test_the_commands_collect_a_streamed_parquet_file_and_train_from_it(models, replicas, tmp_path, capsys):
+def test_the_commands_collect_a_streamed_parquet_file_and_train_from_it_streamed(models, replicas, tmp_path, capsys):
     records = [{"question": row["prompt"], "response": row["completion"]} for row in make_rows(24, seed=7)]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "rows.parquet")
     shared = ["--student", models["student"], "--data", str(tmp_path / "rows.parquet"), "--prompt-column", "question",
-              "--completion-column", "response", "--top-k", "5", "--batch-size", "4"]
-    cli_main(["collect", *shared, "--teacher", replicas[0], "--output", str(tmp_path / "cache"), "--streaming", "--shard-rows", "10"])
+              "--completion-column", "response", "--top-k", "5", "--batch-size", "4", "--data-streaming"]
+    cli_main(["collect", *shared, "--teacher", replicas[0], "--output", str(tmp_path / "cache"), "--shard-rows", "10"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["shards"] == 3 and summary["entries"] == len({r["question"] for r in records})
     assert [s.rows for s in Manifest.read(tmp_path / "cache").shards] == [(0, 10), (10, 20), (20, 24)]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer_client.data import Columns, DataError, load_rows, rows_for_step, stream_rows
+from trainer_client.data import Columns, DataError, StreamedRows, load_rows, rows_for_step, stream_rows
 
 RECORDS = [{"question": f"{a}+{a}=", "response": str(2 * a), "gold": str(2 * a)} for a in range(10, 30)]
 MAPPING = Columns(prompt="question", completion="response", answer="gold")
@@ -82,3 +82,16 @@ def test_jsonl_rows_keep_their_line_numbers_in_errors(tmp_path):
     (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(DataError, match="rows.jsonl:2: malformed row: prompt"):
         load_rows(tmp_path / "rows.jsonl")
+
+
+def test_streamed_training_rows_walk_shuffled_epochs_and_resume_at_any_step(tmp_path):
+    pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "rows.parquet")
+    walked = StreamedRows(str(tmp_path / "rows.parquet"), MAPPING, seed=3, buffer=8)
+    batches = [_triples(rows_for_step(walked, step, 5, seed=3)) for step in range(8)]  # 40 rows: two epochs of 20
+    first, second = sum(batches[:4], []), sum(batches[4:], [])
+    assert sorted(first) == sorted(second) == sorted(_expected())  # each epoch holds every row once
+    assert first != _expected() and first != second  # shuffled, differently per epoch
+    # A resumed run asks for step 6 first: the same rows as the walk gave it, and the walk goes on from there.
+    resumed = StreamedRows(str(tmp_path / "rows.parquet"), MAPPING, seed=3, buffer=8)
+    assert [_triples(rows_for_step(resumed, step, 5, seed=3)) for step in (6, 7)] == batches[6:]
+    assert _triples(rows_for_step(resumed, 2, 5, seed=3)) == batches[2]  # earlier: read again from the start
