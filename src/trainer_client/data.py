@@ -220,10 +220,11 @@ def _open_stream(source: str, split: str):
 
 def _valid_rows(records, columns: Columns, source: str) -> Iterator[Row]:
     for index, record in enumerate(records):
-        problem = _problem(columns.row(record))
-        if problem is not None:
-            raise DataError(f"{source}: row {index}: malformed row: {problem}")
-        yield Row.model_validate(columns.row(record))
+        try:
+            row = Row.model_validate(columns.row(record))
+        except ValidationError as error:
+            raise DataError(f"{source}: row {index}: malformed row: {_first_problem(error)}") from None
+        yield row
 
 
 class StreamedRows:
