@@ -136,7 +136,8 @@ def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
             student=str(student), teachers=teachers, data=str(bench.train_data), eval_data=str(bench.eval_data),
             output=str(run_dir), steps=bench.steps, batch_size=BATCH_SIZE, lr=1.5e-3, warmup_steps=min(50, bench.steps // 10),
             seed=seed, max_new_tokens=6, log_every=max(1, bench.steps // 10), save_every=10**9,
-            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), verifier=VERIFIER, eval_max_new_tokens=6, **settings,
+            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), verifier=VERIFIER, eval_max_new_tokens=6,
+            overwrite=True, **settings,  # an unfinished earlier attempt is run again from the start
         )
         train(config, progress=False)
     return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}

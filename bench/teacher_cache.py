@@ -171,7 +171,7 @@ def _positions_per_sequence(cache: TeacherCache) -> float:
 def _timed_train(config: TrainConfig) -> tuple[float, float, float]:
     """From each step's logged time: steps per second, the share of step time waiting on the teacher, and
     the mean milliseconds of a step spent not waiting (the student's own work, slowed by whatever shares its cores)."""
-    result = train(config.model_copy(update={"log_every": 1}), progress=False)
+    result = train(config.model_copy(update={"log_every": 1, "overwrite": True}), progress=False)  # repeats reuse the output
     steps = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
     working = sum(step["step_s"] - step["teacher_wait_s"] for step in steps) / len(steps)
     return len(steps) / sum(step["step_s"] for step in steps), result.teacher_wait_fraction, 1000 * working

@@ -14,7 +14,7 @@ import sys
 
 from pydantic import ValidationError
 
-from potstill.usage import UsageError
+from potstill.usage import UsageError, one_line
 
 SUBCOMMANDS = {
     "serve": ("teacher_service.serve", "serve a teacher model over HTTP and gRPC"),
@@ -26,8 +26,15 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line (not the whole usage): the flag and what is wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potstill", description="Knowledge distillation of language models across the network.")
+    parser = _Parser(prog="potstill", description="Knowledge distillation of language models across the network.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -47,6 +54,7 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv  # a command to continue a run repeats the one that started it
     try:
         args.run(args)
     except (UsageError, ValidationError, *args.user_errors) as error:
@@ -54,15 +62,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"potstill {args.command}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
-
-
-def one_line(error: Exception) -> str:
-    """An error as one line; a settings `ValidationError` names the flag (`--steps: ...`)."""
-    if isinstance(error, ValidationError):
-        first = error.errors(include_url=False)[0]
-        flag = "--" + "-".join(str(part) for part in first["loc"][:1]).replace("_", "-")
-        return f"{flag}: {first['msg'].removeprefix('Value error, ')}" + (f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else "")
-    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

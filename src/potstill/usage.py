@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class UsageError(Exception):
     """A wrong flag, a missing file, an unreachable endpoint: the message names it and says what to do."""
+
+
+def one_line(error: Exception) -> str:
+    """An error as one line; a settings `ValidationError` names the flag (`--steps: ...`)."""
+    if isinstance(error, ValidationError):
+        first = error.errors(include_url=False)[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "settings"
+        given = first.get("input")
+        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        return f"{flag}: {first['msg'].removeprefix('Value error, ')}{shown}"
+    return " ".join(str(error).split())

@@ -44,15 +44,30 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpointed_step(output: Path) -> int | None:
+    """The step of the newest complete checkpoint (None without one)."""
+    found = checkpoints(output)
+    return json.loads((found[-1] / CHECKPOINT_MARKER).read_text())["step"] if found else None
+
+
 def save_checkpoint(state: TrainingState, output: Path, step: int, keep: int = 2) -> None:
+    """The state after `step`; the `keep` newest checkpoints are kept. A failed write (a full disk)
+    deletes what it wrote and raises `OSError` saying where and how much space is left, rather
+    than the serializer's own chained error."""
     accelerator = state.accelerator
     directory = output / "checkpoints" / f"step-{step:08d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
-        _save_optimizer(state.optimizer.state_dict(), directory)
-        (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
-    _save_rng(directory, accelerator.process_index)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
+            _save_optimizer(state.optimizer.state_dict(), directory)
+            (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
+        _save_rng(directory, accelerator.process_index)
+    except (OSError, RuntimeError) as error:  # safetensors and torch report a short write as RuntimeError
+        shutil.rmtree(directory, ignore_errors=True)
+        free = shutil.disk_usage(output).free / 2**20
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"could not write the checkpoint of step {step} to {directory} ({free:.0f} MiB free there): {first_line}") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (directory / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))

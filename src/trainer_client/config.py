@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = Field(10_000, ge=1, description="Rows in the shuffle buffer of streamed training data.")
     output: str = Field("runs/potstill", description="Run directory: metrics.jsonl, checkpoints/, final/, report.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in the output directory.")
+    overwrite: bool = Field(False, description="Start over in an output directory that holds a previous run (its metrics and checkpoints are deleted).")
     skip_bad_rows: bool = Field(False, description="Skip malformed data rows (counted) instead of failing.")
 
     # --- the method ---

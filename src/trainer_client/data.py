@@ -132,6 +132,8 @@ class ArrowRows(Sequence):
 def load_rows(source: str | Path, skip_bad_rows: bool = False, columns: Columns = Columns(), split: str = "train") -> Dataset:
     """The rows of a JSONL file, a Parquet file, a saved `datasets` dataset or a hub dataset (see the module docstring)."""
     path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():  # a file, not a hub dataset name
+        raise DataError(f"{source}: no such file")
     if path.is_file() and path.suffix != ".parquet":
         return _load_jsonl(path, skip_bad_rows)
     return _load_arrow(str(source), _open_dataset(str(source), split), columns, skip_bad_rows)

@@ -13,13 +13,21 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from potstill.usage import UsageError
 from trainer_client.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(name: str):
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    """The student's tokenizer; `UsageError` naming --student where there is no such model."""
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"--student {name}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:  # transformers' "not a valid model identifier", "Repo id must be…"
+        reason = " ".join(str(error).split())[:200]
+        raise UsageError(f"--student {name}: not a model directory, and not found on the hub ({reason})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer_client.rundir import whole_records
+
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 EXTRAS = {"tensorboard": "train", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -53,16 +55,16 @@ def _default_mlflow_store(output: Path) -> None:
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with its `step`, mirrored to the tracker.
     On resume, lines past the checkpoint (written by the interrupted run after it) are dropped so
-    no step appears twice. Only the main process of a distributed run touches the file."""
+    no step appears twice, and so is a torn last line. Only the main process of a distributed run touches the file."""
 
     def __init__(self, path: Path, keep_through_step: int | None, accelerator=None):
         self.path = path
         self.accelerator = accelerator
         self.writer = accelerator is None or accelerator.is_main_process
         if self.writer and path.exists():
-            lines = path.read_text().splitlines() if keep_through_step is not None else []
-            kept = [line for line in lines if json.loads(line)["step"] <= keep_through_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # A torn last line (the run was killed while writing it) is dropped with the lines past the checkpoint.
+            records = whole_records(path.read_text()) if keep_through_step is not None else []
+            path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= keep_through_step))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.writer:

@@ -4,8 +4,9 @@ Teacher requests for the next `prefetch` micro-batches run on a background event
 the optimizer works on the current one; the time the optimizer still waits is logged as
 `teacher_wait_s`. A checkpoint holds the model, optimizer, scheduler and RNG states and the
 step; data order and teacher sampling seeds are functions of the step, so `--resume`
-continues exactly where the run stopped. If teachers stay unreachable longer than
-`teacher_max_wait`, the run checkpoints the steps it completed and stops with an error.
+continues exactly where the run stopped. Whatever stops a run (teachers unreachable longer than
+`teacher_max_wait`, a bug, a full disk), it checkpoints the steps it completed first, and the
+command line says in one line how to continue (`--resume`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import shlex
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -30,6 +33,7 @@ from transformers import get_scheduler
 from potstill.devices import check_device
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
+from potstill.usage import one_line
 from trainer_client.cache_source import (
     CacheSource,
     RecordingSource,
@@ -39,9 +43,9 @@ from trainer_client.cache_source import (
     record_run,
     request_settings,
 )
-from trainer_client.checkpoints import TrainingState, resume_from_checkpoint, save_checkpoint
+from trainer_client.checkpoints import TrainingState, checkpointed_step, resume_from_checkpoint, save_checkpoint
 from trainer_client.config import TrainConfig
-from trainer_client.data import Dataset, StreamedRows, load_rows, rows_for_step
+from trainer_client.data import DataError, Dataset, StreamedRows, load_rows, rows_for_step
 from trainer_client.evaluation import Evaluator
 from trainer_client.guided import Guided
 from trainer_client.judges import JUDGE_TAG
@@ -49,11 +53,12 @@ from trainer_client.methods import SFT, LogitKD, Method, SampledTargets, attach_
 from trainer_client.pool import PoolRunner, TeacherSpec
 from trainer_client.progress import RunProgress
 from trainer_client.report import write_report
+from trainer_client.rundir import locked, note_stop, prepare, stop_note
 from trainer_client.samples import Example, StudentTokens
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
 from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
-from trainer_client.teachers import TeacherUnavailable
+from trainer_client.teachers import TeacherClientError
 from trainer_client.tracking import MetricsLog, accelerator_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
 
@@ -76,6 +81,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         output = Path(config.output)
         output.mkdir(parents=True, exist_ok=True)
         accelerator = build_accelerator(config, output)
+        if accelerator.is_main_process:  # one writer per run directory
+            cleanup.enter_context(locked(output))
+            prepare(output, config.resume, config.overwrite)
+        accelerator.wait_for_everyone()
         set_seed(config.seed)
         tokenizer, model = load_student(config)
         tokens = StudentTokens(tokenizer, config.max_seq_len)
@@ -144,11 +153,9 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             save_checkpoint(state, output, completed)
             print(f"interrupted: {completed} completed steps are checkpointed in {output}; continue with --resume")
             raise
-        except TeacherUnavailable as error:
-            save_checkpoint(state, output, completed)
-            raise TeacherUnavailable(
-                f"{error}; {completed} completed steps are checkpointed in {output} — rerun with --resume once a teacher is back"
-            ) from error
+        except Exception as error:  # whatever stopped the run, the steps it completed are kept first
+            _checkpoint_before_stopping(state, output, completed, error)
+            raise
 
     # --- save (the last evaluation ran at the last step) ---
     save_final(accelerator, model, tokenizer, output, config.merge_lora)
@@ -201,6 +208,16 @@ def build_accelerator(config: TrainConfig, output: Path) -> Accelerator:
     if config.device.startswith("cuda:"):
         torch.cuda.set_device(int(config.device.partition(":")[2]))
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no", **accelerator_tracking(config.report_to, output))
+
+
+def _checkpoint_before_stopping(state: TrainingState, output: Path, completed: int, error: Exception) -> None:
+    """Checkpoint the completed steps (unless the newest checkpoint holds them) and note it on `error`."""
+    try:
+        if checkpointed_step(output) != completed:
+            save_checkpoint(state, output, completed)
+        note_stop(error, output, completed)
+    except OSError as save_error:
+        note_stop(error, output, completed, save_error)
 
 
 def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
@@ -395,9 +412,21 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Tr
     return TrainConfig(**values)
 
 
+# A user's mistake: one line naming the flag or file, exit status 2 (see potstill.cli).
+USER_ERRORS = (DataError, TeacherClientError, ValueError)
+
+
 def main(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    result = train(config)
+    try:
+        result = train(config)
+    except Exception as error:
+        note = stop_note(error)
+        if note is None or getattr(args, "debug", False):
+            raise
+        resume = shlex.join(["potstill", *[a for a in getattr(args, "argv", ["train"]) if a != "--resume"], "--resume"])
+        print(f"potstill train: error: {one_line(error)}; {note}: {resume}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, USER_ERRORS) else 1)
     print(json.dumps({"output": str(result.output), "steps": result.steps, **result.final_eval,
                       "teacher_wait_fraction": round(result.teacher_wait_fraction, 4)}))
     print(f"report: {result.output / 'report.md'}")

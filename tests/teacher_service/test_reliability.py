@@ -9,6 +9,7 @@ answered 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -287,11 +288,12 @@ def test_requests_queued_past_the_grace_period_are_answered_503(start_teacher):
 
 
 def test_the_grace_period_keeps_its_fraction(tiny_model_dir):
-    server = TeacherServer(ServeOptions(model=tiny_model_dir, http_port=0, grpc_port=0, grace_seconds=0.25))
-    try:
-        assert server.http.config.timeout_graceful_shutdown == pytest.approx(1.25)  # grace + time to answer 503s
-    finally:
+    async def http_shutdown_timeout() -> float:
+        server = TeacherServer(ServeOptions(model=tiny_model_dir, http_port=0, grpc_port=0, grace_seconds=0.25))
         server._http_socket.close()
+        return server.http.config.timeout_graceful_shutdown
+
+    assert asyncio.run(http_shutdown_timeout()) == pytest.approx(1.25)  # grace + time to answer the 503s
 
 
 # --- authentication fails closed ---
