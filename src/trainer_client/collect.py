@@ -175,6 +175,9 @@ def _progress_bar(enabled: bool) -> Progress:
 # --- command line ---
 
 
+USER_ERRORS = trainer.USER_ERRORS  # a mismatched or corrupted cache, bad data, a refused request: one line, exit 2
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     trainer.add_arguments(parser, only=REQUEST_FIELDS)
     parser.add_argument("--output", type=Path, required=True, help=CollectOptions.model_fields["output"].description)

@@ -184,11 +184,18 @@ def test_an_interrupted_collect_resumes_without_duplicates_or_gaps(models, data,
     assert len(TeacherCache(options.output)) == len(TeacherCache(tmp_path / "clean"))
 
 
-def test_a_collect_into_a_cache_made_differently_is_refused(models, data, replicas, logit_cache):
+def test_a_collect_into_a_cache_made_differently_is_refused(models, data, replicas, logit_cache, capsys):
     cache, _ = logit_cache
     config = _config(models, data, replicas, cache / "unused", top_k=4)
     with pytest.raises(CacheError, match="made differently.*settings"):
         collect(config, CollectOptions(output=cache, shard_rows=16), progress=False)
+    # On the command line: one line naming the difference, exit status 2.
+    with pytest.raises(SystemExit) as exit_status:
+        cli_main(["collect", "--student", models["student"], "--data", data["train"], "--eval-data", data["eval"], "--teacher",
+                  replicas[0], "--top-k", "4", "--output", str(cache), "--shard-rows", "16"])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("potstill collect: error: ") and "made differently" in error and "\n" not in error
 
 
 def test_seq_kd_samples_come_from_the_cache(models, data, replicas, tmp_path):
