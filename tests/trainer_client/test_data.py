@@ -74,7 +74,7 @@ def test_malformed_arrow_rows_are_named_or_skipped(tmp_path):
 
 
 def test_a_missing_file_is_an_error_not_a_hub_lookup(tmp_path):
-    with pytest.raises(DataError, match="no such data file"):
+    with pytest.raises(DataError, match="absent.jsonl: no such file"):
         load_rows(tmp_path / "absent.jsonl")
 
 
