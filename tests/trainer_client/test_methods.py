@@ -90,6 +90,8 @@ def test_verifier_selection_keeps_exactly_the_verified_samples(tmp_path, student
     for line in logs:
         assert line["select/accepted/a"] == 0.5 and line["select/fallback_rate"] == 0.5
         assert line["route/a"] == 1.0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Method statistics" in report and "| select/accepted/a | 0.500 | 0.500 |" in report
 
 
 def test_fallback_to_the_reference_trains_on_prompts_nothing_survived(tmp_path, student, rows, teachers):
