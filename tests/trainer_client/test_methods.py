@@ -24,8 +24,9 @@ from trainer_client.adversarial import AdversarialTerm
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.judges import Judge
-from trainer_client.pool import TeacherPool
 from trainer_client.methods import MethodStats
+from trainer_client.pool import TeacherPool
+from trainer_client.router import Gate
 from trainer_client.samples import Candidate, Example, PromptGroup
 from trainer_client.student_loss import collate
 from trainer_client.trainer import judge_spec, train
@@ -214,3 +215,28 @@ def test_the_discriminator_learns_to_separate_and_the_student_term_pulls_own_sam
     assert stats.drain()["adversarial/discriminator_accuracy"] > 0.9
     student_term.backward()
     assert hidden.grad[4:].abs().sum() > 0 and hidden.grad[:4].abs().sum() == 0  # only own samples are moved
+
+
+class _Features:
+    """The student's prompt representation, as the gate reads it: here, one fixed vector per prompt."""
+
+    def __init__(self, vectors: dict[int, torch.Tensor]):
+        self.vectors = vectors
+
+    def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:
+        return torch.stack([self.vectors[p[0]] for p in prompts])
+
+
+def test_the_gate_learns_to_route_each_kind_of_prompt_to_the_teacher_that_verifies_on_it():
+    config = TrainConfig(student="s", data="d", method="multi-sample", teachers=["x"], route="gate", verifier="exact", gate_lr=0.05)
+    gate = Gate(config, ["adder", "subtracter"])
+    features = _Features({0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0])})
+
+    def group(kind: int) -> PromptGroup:
+        # Prompts of kind 0 are answered right by the adder only, kind 1 by the subtracter only.
+        right, wrong = Candidate([1], "7", "adder" if kind == 0 else "subtracter"), Candidate([1], "8", "subtracter" if kind == 0 else "adder")
+        return PromptGroup(Row(prompt="p", answer="7"), [kind], [right, wrong])
+
+    for _ in range(100):
+        chosen = gate.choose([group(0), group(1)] * 4, features)
+    assert chosen == ["adder", "subtracter"] * 4
