@@ -4,7 +4,7 @@
 
 Builds a tiny Llama (with the project's 384-token tokenizer) and serves it on loopback ports
 (a teacher server in a thread of this process), then scores the same batch repeatedly through
-each transport and directly with `HFBackend.score` (on a worker thread, as the service calls
+each transport and directly with `HFBackend.score_now` (on a worker thread, as the service calls
 its backend). Repetitions interleave the paths in a rotating order. Every path ends with the
 same numpy arrays on the caller's side (JSON lists are turned into arrays too), so the ratios
 are the cost of the transport: serialisation, the socket and parsing. On a shared CPU the model
@@ -72,7 +72,7 @@ def paths(teacher: BackgroundTeacher, backend: HFBackend, request: dict) -> dict
     stub = teacher_pb2_grpc.TeacherStub(
         grpc.insecure_channel(teacher.grpc_url.removeprefix("grpc://"), options=[("grpc.max_receive_message_length", 2**30)])
     )
-    items = [ScoreItem(s["prompt"], s["completion"]) for s in request["sequences"]]
+    items = [ScoreItem(s["prompt"], s["completion"], request["top_logprobs"]) for s in request["sequences"]]
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process-backend")
 
     def over_grpc():
@@ -91,7 +91,7 @@ def paths(teacher: BackgroundTeacher, backend: HFBackend, request: dict) -> dict
 
     def in_process():
         # On one worker thread, as the service runs its backend (torch keeps a thread team per calling thread).
-        return worker.submit(backend.score, items, request["top_logprobs"], 1.0).result()
+        return worker.submit(backend.score_now, items).result()
 
     return {"gRPC": over_grpc, "HTTP protobuf": over_http_protobuf, "HTTP JSON": over_http_json, "in-process": in_process}
 

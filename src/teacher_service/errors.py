@@ -32,7 +32,12 @@ class TeacherError(Exception):
         self.field = field
 
     def to_json(self) -> dict:
-        return {"error": {"type": self.kind, "message": self.message, "field": self.field}}
+        """The OpenAI error shape as vLLM fills it (`param` names the field, `code` is the HTTP
+        status), so the `openai` SDK's `error.param` works; `field` stays for our own clients."""
+        return {
+            "error": {"type": self.kind, "message": self.message, "param": self.field, "code": self.http_status,
+                      "field": self.field}
+        }
 
     def grpc_details(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message

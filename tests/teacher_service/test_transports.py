@@ -327,3 +327,11 @@ def test_openai_top_logprobs_keep_the_most_likely_of_alike_tokens(client, http, 
             collisions += len(alike) > 1
             assert logprob == pytest.approx(max(alike), abs=1e-6), text
     assert collisions > 0  # a third of this byte-level vocabulary decodes alone to U+FFFD
+
+
+def test_openai_errors_name_the_field_as_param(client, http):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="hello", max_tokens=2, logprobs=10_000)
+    assert raised.value.param == "logprobs"
+    error = http.post("/v1/score", json={"sequences": [], "top_logprobs": 2}).json()["error"]
+    assert error["param"] == error["field"] == "sequences" and error["code"] == 400

@@ -54,7 +54,9 @@ class RowSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         raw = torch.log_softmax(scores.float(), dim=-1)
         scaled = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        nucleus = scaled.masked_fill(top_p_mask(scaled, self.top_p), float("-inf")).exp()
+        nucleus = scaled.exp()
+        if bool((self.top_p < 1).any()):  # the sort over the vocabulary only where a row asks for it
+            nucleus = nucleus.masked_fill(top_p_mask(scaled, self.top_p), 0.0)
         chosen = raw.argmax(dim=-1)
         for row in torch.nonzero(~self.greedy).flatten().tolist():
             chosen[row] = torch.multinomial(nucleus[row], 1, generator=self.generators[row])[0]
