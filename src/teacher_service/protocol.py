@@ -11,7 +11,7 @@ lists, and `to_json()` builds the readable form only when a person asked for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import numpy as np
@@ -161,10 +161,15 @@ class ScoreSequence(StrictModel):
 
 
 
+LogprobsDType = Literal["float32", "float16"]
+LOGPROBS_DTYPE_HELP = "Precision of the returned log-probs: float16 halves their bytes on the protobuf wire (~3 significant digits)."
+
+
 class ScoreRequest(StrictModel):
     sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences scored independently.")
     top_logprobs: int = Field(0, ge=0, description="k: most likely tokens returned per position.")
     temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=100, description="Softmax temperature on the logits.")
+    logprobs_dtype: LogprobsDType = Field("float32", description=LOGPROBS_DTYPE_HELP)
 
     _k_limit = field_validator("top_logprobs")(_at_most("max_top_logprobs"))
     _batch_limit = field_validator("sequences")(_check_batch)
@@ -178,6 +183,7 @@ class GenerateRequest(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Makes the samples reproducible.")
     top_logprobs: int = Field(0, ge=0)
+    logprobs_dtype: LogprobsDType = Field("float32", description=LOGPROBS_DTYPE_HELP)
 
     _n_limit = field_validator("n")(_at_most("max_samples"))
     _tokens_limit = field_validator("max_tokens")(_at_most("max_new_tokens"))
@@ -263,6 +269,11 @@ class TokenDistributions:
     token_logprobs: np.ndarray  # float32 [L]
     top_ids: np.ndarray  # int32 [L, k], most likely first
     top_logprobs: np.ndarray  # float32 [L, k], descending
+
+    def with_logprobs_dtype(self, dtype: str) -> TokenDistributions:
+        """The same distributions with their log-probs stored as `dtype` (ids untouched)."""
+        return replace(self, token_logprobs=self.token_logprobs.astype(dtype, copy=False),
+                       top_logprobs=self.top_logprobs.astype(dtype, copy=False))
 
     def to_json(self) -> dict:
         return {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from teacher_service.backends.base import Backend, GenerateItem, SamplingParams, ScoreItem
@@ -133,7 +133,7 @@ class TeacherService:
             self._check_length(len(item.prompt_ids) + len(item.completion_ids), f"sequences.{index}")
         results = await self._run("score", lambda: backend.score(items))
         self.metrics.tokens_scored.inc(sum(len(item.completion_ids) for item in items))
-        return ScoreResponse(results=results)
+        return ScoreResponse(results=[r.with_logprobs_dtype(request.logprobs_dtype) for r in results])
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         backend = self._require_backend()
@@ -150,7 +150,9 @@ class TeacherService:
         )
         results = await self._run("generate", lambda: backend.generate([GenerateItem(prompt, params) for prompt in prompts]))
         self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in results for s in r.samples))
-        return GenerateResponse(results=results)
+        return GenerateResponse(results=[
+            replace(r, samples=[s.with_logprobs_dtype(request.logprobs_dtype) for s in r.samples]) for r in results
+        ])
 
     # --- helpers shared by the OpenAI-compatible layer ---
 

@@ -22,8 +22,10 @@ from teacher_service.protocol import (
     ScoreResponse,
 )
 
-_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT32: np.dtype("<i4")}
+_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT32: np.dtype("<i4"), pb.DTYPE_FLOAT16: np.dtype("<f2")}
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_LOGPROBS_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+_LOGPROBS_DTYPE_NAMES = {code: name for name, code in _LOGPROBS_DTYPES.items()}
 
 # --- tensors ---
 
@@ -40,8 +42,10 @@ def tensor_from_pb(tensor: pb.Tensor) -> np.ndarray:
     expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(tensor.data):
         raise ValueError(f"tensor of shape {list(tensor.shape)} needs {expected} bytes, got {len(tensor.data)}")
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
     # A copy: arrays over the message's bytes would be read-only, and consumers write to theirs.
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).copy()
+    # Half precision is a wire encoding only: consumers get float32 whatever travelled.
+    return array.astype(np.float32) if dtype == np.float16 else array.copy()
 
 
 # --- requests: protobuf -> plain data (server side) ---
@@ -64,7 +68,18 @@ def _completion_data(completion: pb.Completion) -> Any:
 
 
 def _optional_fields(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: getattr(message, name) for name in names if message.HasField(name)}
+    fields = {name: getattr(message, name) for name in names if message.HasField(name)}
+    if "logprobs_dtype" in fields:  # an unknown code stays a number, which validation refuses by field
+        fields["logprobs_dtype"] = _LOGPROBS_DTYPE_NAMES.get(fields["logprobs_dtype"], fields["logprobs_dtype"])
+    return fields
+
+
+def _options_pb(data: dict[str, Any], skip: str) -> dict[str, Any]:
+    """A request's settings as protobuf fields (unset ones left out, dtypes as enum codes)."""
+    options = {key: value for key, value in data.items() if key != skip and value is not None}
+    if "logprobs_dtype" in options:
+        options["logprobs_dtype"] = _LOGPROBS_DTYPES[options["logprobs_dtype"]]
+    return options
 
 
 def score_request_data(request: pb.ScoreRequest) -> dict[str, Any]:
@@ -74,7 +89,7 @@ def score_request_data(request: pb.ScoreRequest) -> dict[str, Any]:
             for s in request.sequences
         ],
         "top_logprobs": request.top_logprobs,
-        **_optional_fields(request, ("temperature",)),
+        **_optional_fields(request, ("temperature", "logprobs_dtype")),
     }
 
 
@@ -82,7 +97,7 @@ def generate_request_data(request: pb.GenerateRequest) -> dict[str, Any]:
     return {
         "prompts": [_prompt_data(p) for p in request.prompts],
         "top_logprobs": request.top_logprobs,
-        **_optional_fields(request, ("n", "max_tokens", "temperature", "top_p", "seed")),
+        **_optional_fields(request, ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs_dtype")),
     }
 
 
@@ -116,14 +131,12 @@ def _completion_pb(completion: Any) -> pb.Completion:
 def score_request_pb(data: dict[str, Any]) -> pb.ScoreRequest:
     """The protobuf form of a score request given as in JSON."""
     sequences = [pb.ScoreSequence(prompt=_prompt_pb(s["prompt"]), completion=_completion_pb(s["completion"])) for s in data["sequences"]]
-    options = {key: value for key, value in data.items() if key != "sequences" and value is not None}
-    return pb.ScoreRequest(sequences=sequences, **options)
+    return pb.ScoreRequest(sequences=sequences, **_options_pb(data, "sequences"))
 
 
 def generate_request_pb(data: dict[str, Any]) -> pb.GenerateRequest:
     """The protobuf form of a generate request given as in JSON."""
-    options = {key: value for key, value in data.items() if key != "prompts" and value is not None}
-    return pb.GenerateRequest(prompts=[_prompt_pb(p) for p in data["prompts"]], **options)
+    return pb.GenerateRequest(prompts=[_prompt_pb(p) for p in data["prompts"]], **_options_pb(data, "prompts"))
 
 
 # --- responses: results -> protobuf (server side) ---

@@ -6,6 +6,7 @@ reflection services, and /metrics in Prometheus text format.
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import openai
 import pytest
@@ -159,6 +160,41 @@ def test_metrics_count_requests(http, stub):
     scored = ("potstill_tokens_scored_total", ())
     assert after[scored] == before.get(scored, 0.0) + 6
     assert after[("potstill_queue_depth", ())] == 0
+
+
+@pytest.mark.parametrize("kind", ["score", "generate"])
+def test_half_precision_logprobs_travel_in_two_bytes_and_decode_to_float32(http, stub, kind):
+    request = {**(SCORE_REQUEST if kind == "score" else GENERATE_REQUEST), "logprobs_dtype": "float16"}
+    full = (wire.score_request_pb if kind == "score" else wire.generate_request_pb)({**request, "logprobs_dtype": "float32"})
+    half = (wire.score_request_pb if kind == "score" else wire.generate_request_pb)(request)
+    call, decode = (stub.Score, wire.score_response) if kind == "score" else (stub.Generate, wire.generate_response)
+    answers = {"float32": call(full), "float16": call(half)}
+
+    def distributions(message):
+        results = message.results
+        return [d for r in results for d in ([r] if kind == "score" else list(r.samples))]
+
+    for exact, rounded in zip(distributions(answers["float32"]), distributions(answers["float16"])):
+        assert rounded.top_logprobs.dtype == pb.DTYPE_FLOAT16 and rounded.token_logprobs.dtype == pb.DTYPE_FLOAT16
+        assert len(rounded.top_logprobs.data) * 2 == len(exact.top_logprobs.data)
+        assert rounded.top_ids.data == exact.top_ids.data  # ids stay int32 and equal
+    for exact, rounded in zip(distributions(decode(answers["float32"])), distributions(decode(answers["float16"]))):
+        assert rounded.top_logprobs.dtype == np.float32  # consumers get float32 whatever travelled
+        np.testing.assert_allclose(rounded.top_logprobs, exact.top_logprobs, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(rounded.token_logprobs, exact.token_logprobs, rtol=1e-3, atol=1e-3)
+    as_json = http.post(f"/v1/{kind}", json=request).json()["results"]
+    expected = decode(answers["float16"]).to_json()["results"]
+    assert as_json == expected  # JSON carries the same half-precision values
+
+
+def test_an_unknown_logprobs_dtype_is_refused_by_field(http, stub):
+    answer = http.post("/v1/score", json={**SCORE_REQUEST, "logprobs_dtype": "int8"})
+    assert answer.status_code == 400 and answer.json()["error"]["field"] == "logprobs_dtype"
+    message = wire.score_request_pb(SCORE_REQUEST)
+    message.logprobs_dtype = pb.DTYPE_INT32
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Score(message)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs_dtype" in raised.value.details()
 
 
 # --- OpenAI-compatible routes, through the official client ---
