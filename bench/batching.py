@@ -134,7 +134,7 @@ def main() -> None:
     http_vs_grpc = (median["score, 16 sequential 1-sequence requests, gRPC"]
                     / median["score, 16 sequential 1-sequence requests, HTTP"])
     table.add_row("16 sequential requests: HTTP vs gRPC", "", "", f"{http_vs_grpc:.2f}", ">= 0.9")
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 if __name__ == "__main__":
