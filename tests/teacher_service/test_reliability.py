@@ -160,7 +160,8 @@ def test_a_handler_crash_is_a_counted_500_and_grpc_internal(start_teacher, caplo
         server.server.service.score = crash
         answer = httpx.post(server.http_url + "/v1/score", json=SCORE)
         assert answer.status_code == 500
-        assert _error(answer) == {"type": "internal_error", "message": "internal error (RuntimeError); see the teacher's log", "field": None}
+        assert _error(answer) == {"type": "internal_error", "message": "internal error (RuntimeError); see the teacher's log",
+                                  "param": None, "code": 500, "field": None}
         assert _requests_counted(server.http_url, "/v1/score", "http", "500") == 1
         with grpc.insecure_channel(grpc_target(server)) as channel:
             with pytest.raises(grpc.RpcError) as failed:
