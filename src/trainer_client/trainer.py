@@ -157,10 +157,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             _checkpoint_before_stopping(state, output, completed, error)
             raise
 
-    # --- save (the last evaluation ran at the last step) ---
-    save_final(accelerator, model, tokenizer, output, config.merge_lora)
+        # --- save (the last evaluation ran at the last step); before the cleanup, which ends the process group ---
+        save_final(accelerator, model, tokenizer, output, config.merge_lora)
     if accelerator.is_main_process:
-        write_report(output)
+        write_report(output)  # after the cleanup wrote teacher_traffic.json, which the report plots
     return RunResult(output, config.steps, final_eval, waited / stepped if stepped else 0.0)
 
 
