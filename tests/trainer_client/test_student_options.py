@@ -172,6 +172,18 @@ def test_chat_rows_become_prompt_turns_and_completion(student):
         Row.model_validate({"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
 
 
+def test_chat_rows_load_from_parquet_too(tmp_path):
+    import datasets
+
+    from trainer_client.data import load_rows
+
+    turns = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="}, {"role": "assistant", "content": "002"}]
+    datasets.Dataset.from_list([{"messages": turns, "answer": "002"}] * 3).to_parquet(tmp_path / "chat.parquet")
+    rows = load_rows(str(tmp_path / "chat.parquet")).rows
+    assert len(rows) == 3
+    assert rows[0].chat_turns() == turns[:2] and rows[0].completion == "002" and rows[0].answer == "002"
+
+
 def test_progress_off_a_terminal_is_plain_lines_and_the_last_line_names_the_report(student, rows, tmp_path, capsys, caplog):
     cli_main(["train", "--student", student, "--data", rows, "--method", "sft", "--steps", "4", "--batch-size", "2",
               "--log-every", "2", "--save-every", "2", "--output", str(tmp_path / "run")])
