@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from potstill.devices import DEVICE_HELP, DEVICE_PATTERN, check_device
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
+from potstill.usage import UsageError
 from trainer_client.data import load_rows
 from trainer_client.evaluation import Evaluator
-from trainer_client.methods import REFERENCE, attach_teacher_distributions
+from trainer_client.methods import attach_teacher_distributions, reference_group
 from trainer_client.pool import PoolRunner
-from trainer_client.samples import Candidate, PromptGroup, StudentTokens
+from trainer_client.samples import PromptGroup, StudentTokens
 from trainer_client.student_model import load_model, load_tokenizer
 from trainer_client.verifiers import VERIFIERS, get_verifier
 
@@ -65,16 +66,12 @@ def evaluate(config: EvalConfig) -> dict[str, float]:
 
 
 def _reference_groups(rows, tokens: StudentTokens) -> list[PromptGroup]:
-    """Each row with a completion, as a group holding that reference."""
-    return [
-        PromptGroup(row, tokens.prompt(row.prompt), [Candidate(tokens.target(row.completion), row.completion, REFERENCE)])
-        for row in rows if row.completion is not None
-    ]
+    return [reference_group(row, tokens) for row in rows if row.completion is not None]
 
 
 def _kl_per_teacher(config: EvalConfig, model, tokens: StudentTokens, rows) -> dict[str, float]:
     if not any(row.completion is not None for row in rows):
-        raise ValueError(f"{config.data}: KL to teachers needs rows with a 'completion'")
+        raise UsageError(f"{config.data}: KL to teachers needs rows with a 'completion'")
     api_key = Path(config.api_key_file).read_text().strip() if config.api_key_file else None
     results = {}
     with PoolRunner.connect(

@@ -101,10 +101,12 @@ class Method:
         missing = [row.prompt for row in rows if row.completion is None]
         if missing:
             raise ValueError(f"{self.config.method} on data completions needs a 'completion' in every row; missing for {missing[0]!r}")
-        return [
-            PromptGroup(row, self.tokens.prompt(row.prompt), [Candidate(self.tokens.target(row.completion), row.completion, REFERENCE)])
-            for row in rows
-        ]
+        return [reference_group(row, self.tokens) for row in rows]
+
+
+def reference_group(row: Row, tokens: StudentTokens) -> PromptGroup:
+    """A row with its reference completion as the one candidate."""
+    return PromptGroup(row, tokens.prompt(row.prompt), [Candidate(tokens.target(row.completion), row.completion, REFERENCE)])
 
 
 class SFT(Method):
