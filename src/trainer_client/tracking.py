@@ -43,6 +43,13 @@ def start_tracking(accelerator, report_to: str, output: Path, config: dict[str, 
     accelerator.init_trackers(project, config=flat, init_kwargs=init)
 
 
+def finish_tracking(accelerator) -> None:
+    """Close the tracker's run (files flushed, run marked finished). Not `accelerator.end_training`:
+    that also tears down the process group, which the final save still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def _default_mlflow_store(output: Path) -> None:
     import os
 

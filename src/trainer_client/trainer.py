@@ -59,7 +59,7 @@ from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
 from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
 from trainer_client.teachers import TeacherClientError
-from trainer_client.tracking import MetricsLog, accelerator_tracking, start_tracking
+from trainer_client.tracking import MetricsLog, accelerator_tracking, finish_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
 
 METHODS: dict[str, type[Method]] = {
@@ -106,7 +106,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
                              accelerator=accelerator)
         start_tracking(accelerator, config.report_to, output, config.model_dump())
-        cleanup.callback(accelerator.end_training)
+        cleanup.callback(finish_tracking, accelerator)
         if accelerator.is_main_process:
             (output / "config.json").write_text(config.model_dump_json(indent=2))
             if data.skipped:
