@@ -44,8 +44,7 @@ def add_schema_arguments(
         if kind is bool:
             parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag_name(name), default=None, type=kind, choices=choices, metavar=_metavar(name, choices),
-                                help=help_text)
+            parser.add_argument(flag_name(name), default=None, type=kind, choices=choices, help=help_text)
 
 
 def settings_values(
@@ -101,7 +100,3 @@ def _help(name: str, field: FieldInfo, choices: list[str] | None, env_prefix: st
 def _shown(field: FieldInfo) -> str:
     default = field.get_default(call_default_factory=True)
     return "none" if default is None else str(default)
-
-
-def _metavar(name: str, choices: list[str] | None) -> str | None:
-    return "{" + ",".join(choices) + "}" if choices else name.upper()

@@ -81,9 +81,10 @@ class ServeOptions(BaseModel):
     def _split_keys(cls, keys: object) -> object:
         if not isinstance(keys, str):
             return keys
-        if not parse_keys(keys):  # POTSTILL_API_KEYS set but blank: a mistake, never "no authentication"
+        parsed = parse_keys(keys)
+        if not parsed:  # POTSTILL_API_KEYS set but blank: a mistake, never "no authentication"
             raise ValueError("the API keys are empty: refusing to serve without authentication")
-        return parse_keys(keys)
+        return parsed
 
     @field_validator("api_keys")
     @classmethod
