@@ -1,7 +1,8 @@
 """The API key check both transports share: `Authorization: Bearer <key>`, the scheme in any case.
 
 A teacher may accept several keys (one per trainer or team, rotated one at a time); no keys
-means no authentication. A key file holds one key per line (blank lines and `#` comments are
+means no authentication. Admin calls (weight pushes) take admin keys only, never API keys, and
+a teacher without admin keys refuses them all. A key file holds one key per line (blank lines and `#` comments are
 skipped); the environment variable `POTSTILL_API_KEYS` holds them separated by commas.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Sequence
+
+from teacher_service.errors import Forbidden, Unauthenticated
 
 
 def parse_keys(text: str) -> tuple[str, ...]:
@@ -32,3 +35,11 @@ def bearer_matches(header: str, api_keys: Sequence[str]) -> bool:
     sent = token.strip().encode()
     matches = [secrets.compare_digest(sent, key.encode()) for key in api_keys]
     return scheme.lower() == "bearer" and any(matches)
+
+
+def require_admin_key(header: str, admin_keys: Sequence[str]) -> None:
+    """Raise `Forbidden` when the teacher has no admin key, `Unauthenticated` when `header` carries none of them."""
+    if not admin_keys:
+        raise Forbidden("weight pushes are disabled: start the teacher with --admin-key-file or POTSTILL_ADMIN_KEYS")
+    if not bearer_matches(header, admin_keys):
+        raise Unauthenticated("missing or wrong admin key: send 'Authorization: Bearer <admin key>' (API keys do not count)")

@@ -41,6 +41,14 @@ class ServeOptions(BaseModel):
         (), exclude=True, repr=False,
         description="Accepted API keys, comma-separated in POTSTILL_API_KEYS (no flag: a command line is visible to every user).",
     )
+    admin_key_file: str | None = Field(
+        None, description="File of admin keys, one per line, that weight pushes (POST /admin/v1/weights, gRPC "
+        "TeacherAdmin) must send as a Bearer token; API keys never grant them. None (and no POTSTILL_ADMIN_KEYS): pushes are refused.",
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (), exclude=True, repr=False, description="Accepted admin keys, comma-separated in POTSTILL_ADMIN_KEYS (no flag).",
+    )
+    max_weights_bytes: int = Field(64 * 2**30, ge=1, description="Largest safetensors file a weight push may stream.")
     tls_cert: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS and gRPC over TLS; needs tls_key.")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
     max_model_len: int | None = Field(None, ge=1, description="Cap on prompt + completion tokens (none: the model's own).")
@@ -76,7 +84,7 @@ class ServeOptions(BaseModel):
         "(by default /openapi.json and reflection need the key and /docs is off).",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, keys: object) -> object:
         if not isinstance(keys, str):
@@ -86,7 +94,7 @@ class ServeOptions(BaseModel):
             raise ValueError("the API keys are empty: refusing to serve without authentication")
         return parsed
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _usable_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         require_usable_keys(keys)
@@ -106,16 +114,28 @@ class ServeOptions(BaseModel):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         return self
 
+    @model_validator(mode="after")
+    def _admin_keys_apart(self) -> ServeOptions:
+        if set(self.admin_keys) & set(self.api_keys):
+            raise ValueError("an admin key is also an API key: every API key holder could push weights; use different keys")
+        return self
+
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
 
     def with_api_keys(self) -> ServeOptions:
-        """These options with the keys of `api_key_file` added (when one is set)."""
-        if self.api_key_file is None:
-            return self
-        with open(self.api_key_file) as key_file:
-            keys = parse_keys(key_file.read())
-        if not keys:
-            raise UsageError(f"--api-key-file {self.api_key_file} holds no key: refusing to serve without authentication")
-        return ServeOptions(**{**self.model_dump(), "api_keys": self.api_keys + keys})
+        """These options with the keys of `api_key_file` and `admin_key_file` added (where set)."""
+        keys = {"api_keys": self.api_keys + _file_keys(self.api_key_file, "--api-key-file"),
+                "admin_keys": self.admin_keys + _file_keys(self.admin_key_file, "--admin-key-file")}
+        return ServeOptions(**{**self.model_dump(), **keys})
+
+
+def _file_keys(path: str | None, flag: str) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    with open(path) as key_file:
+        keys = parse_keys(key_file.read())
+    if not keys:
+        raise UsageError(f"{flag} {path} holds no key: refusing to serve without authentication")
+    return keys

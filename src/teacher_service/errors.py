@@ -71,6 +71,15 @@ class Unauthenticated(TeacherError):
     kind = "unauthenticated"
 
 
+class Forbidden(TeacherError):
+    """The caller may be who it says, but this teacher does not allow the operation (admin calls
+    on a teacher started without an admin key)."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    kind = "forbidden"
+
+
 class BackendUnavailable(TeacherError):
     """The model is not loaded yet, or the service is shutting down."""
 

@@ -1,9 +1,10 @@
-"""The gRPC adapter: `potstill.v1.Teacher` over grpc.aio, plus the standard health and reflection services.
+"""The gRPC adapter: `potstill.v1.Teacher` and `TeacherAdmin` over grpc.aio, plus the standard health and reflection services.
 
 Servicer methods convert protobuf to plain data, delegate to `TeacherService`, and convert back;
 a `TeacherError` aborts the call with its gRPC code, `field: message` as details and its kind in
 the trailing metadata. Requests arrive as bytes and are parsed here, so a malformed message is
 INVALID_ARGUMENT; anything unexpected is INTERNAL (logged once), and counted as such.
+`TeacherAdmin` takes the admin keys only (PERMISSION_DENIED when the teacher has none).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from grpc_reflection.v1alpha import reflection
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
 from teacher_service import wire
-from teacher_service.auth import bearer_matches, require_usable_keys
-from teacher_service.errors import TeacherError, Unauthenticated, unexpected
-from teacher_service.protocol import GenerateRequest, ScoreRequest
+from teacher_service.auth import bearer_matches, require_admin_key, require_usable_keys
+from teacher_service.errors import InvalidRequest, TeacherError, Unauthenticated, unexpected
+from teacher_service.protocol import GenerateRequest, ScoreRequest, WeightsVersion
 from teacher_service.service import TeacherService
+from teacher_service.weights import receive_into_file, weight_files
 
 TEACHER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherAdmin"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -39,17 +42,18 @@ async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None
     await context.abort(error.grpc_code, error.grpc_details())
 
 
-def _rpc(endpoint: str, request_type: type):
-    """Wrap a servicer method: the request parsed from bytes, metrics, and every error turned into
-    its status code (a server bug into INTERNAL)."""
+def _rpc(endpoint: str, request_type: type | None):
+    """Wrap a servicer method: the request parsed from bytes (a stream's messages are left to the
+    method: `request_type` None), metrics, and every error turned into its status code (a server
+    bug into INTERNAL)."""
 
     def decorate(method):
         @functools.wraps(method)
-        async def handle(self: TeacherServicer, request_bytes: bytes, context: grpc.aio.ServicerContext):
+        async def handle(self, request, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
             outcome = "OK"
             try:
-                return await method(self, wire.decode_request(request_type, request_bytes), context)
+                return await method(self, wire.decode_request(request_type, request) if request_type else request, context)
             except TeacherError as error:
                 outcome = error.grpc_code.name
                 await _abort(context, error)
@@ -89,44 +93,93 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         return wire.generate_response_pb(await self.service.generate(parsed))
 
 
-def _method_handlers(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
-    """The Teacher service's handlers taking raw bytes (no deserializer): `_rpc` parses them, so
-    garbage is the caller's INVALID_ARGUMENT rather than gRPC's own failure."""
+class AdminServicer:
+    """`potstill.v1.TeacherAdmin`: weight pushes, by path (one message) or as streamed safetensors chunks."""
+
+    def __init__(self, service: TeacherService, max_weights_bytes: int):
+        self.service = service
+        self.max_weights_bytes = max_weights_bytes
+
+    @_rpc("LoadWeights", None)
+    async def LoadWeights(self, request_stream, context) -> pb.LoadWeightsResponse:
+        messages = (wire.decode_request(pb.LoadWeightsRequest, data) async for data in request_stream)
+        first = await anext(messages, None)
+        source = first.WhichOneof("source") if first is not None else None
+        if source is None:
+            raise InvalidRequest("the first message must set path or safetensors_chunk", field="source")
+        version = self.service.parse(WeightsVersion, {"model_version": first.model_version or None}).model_version
+        if source == "path":
+            files = await asyncio.to_thread(weight_files, first.path)
+            loaded = await self.service.load_weights(files, version, "path")
+        else:
+            received = await receive_into_file(_chunks(first, messages), self.max_weights_bytes)
+            try:
+                loaded = await self.service.load_weights([received], version, "body")
+            finally:
+                received.unlink(missing_ok=True)
+        return pb.LoadWeightsResponse(model_version=loaded.model_version, tensors=loaded.tensors, seconds=loaded.seconds)
+
+
+async def _chunks(first: pb.LoadWeightsRequest, messages):
+    """The safetensors bytes of a LoadWeights stream, in order; every message must carry a chunk."""
+    yield first.safetensors_chunk
+    async for message in messages:
+        if message.WhichOneof("source") != "safetensors_chunk":
+            raise InvalidRequest("after a safetensors_chunk every message must carry one", field="source")
+        yield message.safetensors_chunk
+
+
+def _serialize(message) -> bytes:
+    return message.SerializeToString()
+
+
+# How each service's methods are called (reflection's one method streams both ways).
+_HANDLER_KINDS = {TEACHER_SERVICE_NAME: grpc.unary_unary_rpc_method_handler, ADMIN_SERVICE_NAME: grpc.stream_unary_rpc_method_handler}
+
+
+def _method_handlers(service_name: str, servicer) -> grpc.GenericRpcHandler:
+    """A service's handlers taking raw bytes (no deserializer): `_rpc` (or the method) parses
+    them, so garbage is the caller's INVALID_ARGUMENT rather than gRPC's own failure."""
+    handler = _HANDLER_KINDS[service_name]
     methods = {
-        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), response_serializer=lambda m: m.SerializeToString())
-        for name in pb.DESCRIPTOR.services_by_name["Teacher"].methods_by_name
+        name: handler(getattr(servicer, name), response_serializer=_serialize)
+        for name in pb.DESCRIPTOR.services_by_name[service_name.rpartition(".")[2]].methods_by_name
     }
-    return grpc.method_handlers_generic_handler(TEACHER_SERVICE_NAME, methods)
+    return grpc.method_handlers_generic_handler(service_name, methods)
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without `authorization: Bearer <key>` metadata (the scheme in any case).
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <key>` metadata (the scheme in any case): an
+    API key for the Teacher (when the teacher has any), an admin key for TeacherAdmin (always).
 
     Health checks stay open, so orchestrators can probe without the key; reflection too when
-    `open_reflection` (the operator chose to publish the API)."""
+    `open_reflection` (the operator chose to publish the API) or when there are no API keys."""
 
-    def __init__(self, api_keys: Sequence[str], open_reflection: bool = False):
+    def __init__(self, api_keys: Sequence[str], admin_keys: Sequence[str] = (), open_reflection: bool = False):
         self._api_keys = tuple(api_keys)
+        self._admin_keys = tuple(admin_keys)
         self._open = {HEALTH_SERVICE_NAME, *([reflection.SERVICE_NAME] if open_reflection else [])}
 
     async def intercept_service(self, continuation, handler_call_details):
         service = handler_call_details.method.lstrip("/").rpartition("/")[0]
         sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if service in self._open or bearer_matches(sent, self._api_keys):
-            return await continuation(handler_call_details)
-        error = Unauthenticated("missing or wrong API key: send metadata 'authorization: Bearer <key>'")
-        return _refusal(error, streaming=service != TEACHER_SERVICE_NAME)
+        try:
+            if service == ADMIN_SERVICE_NAME:
+                require_admin_key(sent, self._admin_keys)
+            elif self._api_keys and service not in self._open and not bearer_matches(sent, self._api_keys):
+                raise Unauthenticated("missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+        except TeacherError as error:
+            return _refusal(error, _HANDLER_KINDS.get(service, grpc.stream_stream_rpc_method_handler))
+        return await continuation(handler_call_details)
 
 
-def _refusal(error: TeacherError, streaming: bool) -> grpc.RpcMethodHandler:
-    """A handler that only refuses; reflection's one method streams both ways, the Teacher's are unary."""
+def _refusal(error: TeacherError, handler_kind) -> grpc.RpcMethodHandler:
+    """A handler of the method's kind that only refuses."""
 
     async def refuse(request, context: grpc.aio.ServicerContext):
         await _abort(context, error)
 
-    if streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return handler_kind(refuse)
 
 
 class GrpcTeacherServer:
@@ -134,22 +187,25 @@ class GrpcTeacherServer:
 
     def __init__(
         self, service: TeacherService, api_keys: Sequence[str] = (), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        open_reflection: bool = False,
+        open_reflection: bool = False, admin_keys: Sequence[str] = (), max_weights_bytes: int = 64 * 2**30,
     ):
         require_usable_keys(api_keys)
-        interceptors = [ApiKeyInterceptor(api_keys, open_reflection)] if api_keys else []
+        require_usable_keys(admin_keys)
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[KeyInterceptor(api_keys, admin_keys, open_reflection)],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
         )
-        self.server.add_generic_rpc_handlers((_method_handlers(TeacherServicer(service)),))
+        self.server.add_generic_rpc_handlers((
+            _method_handlers(TEACHER_SERVICE_NAME, TeacherServicer(service)),
+            _method_handlers(ADMIN_SERVICE_NAME, AdminServicer(service, max_weights_bytes)),
+        ))
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (TEACHER_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+            (TEACHER_SERVICE_NAME, ADMIN_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
         )
 

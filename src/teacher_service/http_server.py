@@ -5,6 +5,10 @@ unless its Accept header asks for `application/x-protobuf`. Every `TeacherError`
 status code with a JSON body `{"error": {"type", "message", "field"}}`, and so does anything
 else a handler raises (500, logged once); a client that hangs up is no error at all.
 The published OpenAPI document carries the request schemas of `protocol`.
+
+`POST /admin/v1/weights` replaces the served weights (admin key only, see `auth`): a JSON body
+`{"path": ..., "model_version": ...}` names a checkpoint on the teacher's machine, an
+`application/octet-stream` body streams one safetensors file (`?model_version=N` optional).
 """
 
 from __future__ import annotations
@@ -24,13 +28,22 @@ from starlette.requests import ClientDisconnect
 
 from potstill.v1 import teacher_pb2 as pb
 from teacher_service import wire
-from teacher_service.auth import bearer_matches, require_usable_keys
+from teacher_service.auth import bearer_matches, require_admin_key, require_usable_keys
 from teacher_service.errors import InvalidRequest, RequestTimeout, RequestTooLarge, TeacherError, Unauthenticated, unexpected
 from teacher_service.openai_compat import OpenAICompat
-from teacher_service.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, ScoreRequest
+from teacher_service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    LoadWeightsRequest,
+    ScoreRequest,
+    WeightsVersion,
+)
 from teacher_service.service import TeacherService
+from teacher_service.weights import receive_into_file, weight_files
 
 PROTOBUF = "application/x-protobuf"
+OCTET_STREAM = "application/octet-stream"
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 # What each POST route reads from its body, published in /openapi.json.
@@ -52,8 +65,11 @@ def build_app(
     metrics_need_api_key: bool = False,
     docs_without_api_key: bool = False,
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS,
+    admin_keys: Sequence[str] = (),
+    max_weights_bytes: int = 64 * 2**30,
 ) -> FastAPI:
     require_usable_keys(api_keys)
+    require_usable_keys(admin_keys)
     docs_open = not api_keys or docs_without_api_key
     # With a key, the schema is for callers holding it, and the browser page (which cannot send it) is off.
     app = FastAPI(
@@ -65,11 +81,13 @@ def build_app(
     app.state.openai = OpenAICompat(service)
     app.state.max_body_bytes = max_body_bytes
     app.state.body_timeout_seconds = body_timeout_seconds
+    app.state.max_weights_bytes = max_weights_bytes
     authenticated = [Depends(_require_api_key(tuple(api_keys)))]
     app.include_router(_open_routes)
     # Prometheus scrapes without credentials unless the operator asks otherwise.
     app.include_router(_metrics_routes, dependencies=authenticated if metrics_need_api_key else [])
     app.include_router(_model_routes, dependencies=authenticated)
+    app.include_router(_admin_routes, dependencies=[Depends(_require_admin_key(tuple(admin_keys)))])
     if not docs_open:
         app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), include_in_schema=False, dependencies=authenticated)
     app.add_exception_handler(TeacherError, _teacher_error_response)
@@ -102,6 +120,13 @@ def _require_api_key(api_keys: tuple[str, ...]):
     async def check(request: Request) -> None:
         if api_keys and not bearer_matches(request.headers.get("authorization", ""), api_keys):
             raise Unauthenticated("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    return check
+
+
+def _require_admin_key(admin_keys: tuple[str, ...]):
+    async def check(request: Request) -> None:
+        require_admin_key(request.headers.get("authorization", ""), admin_keys)
 
     return check
 
@@ -146,6 +171,21 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+async def _idle_limited(request: Request):
+    """The body's chunks; a pause longer than the body timeout between two of them is a 408."""
+    chunks = request.stream().__aiter__()
+    timeout = request.app.state.body_timeout_seconds
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"no bytes of the body arrived for {timeout} s", field="body") from None
+        yield chunk
+
+
 def _is_protobuf(header: str | None) -> bool:
     return header is not None and PROTOBUF in header
 
@@ -178,6 +218,7 @@ def _service(request: Request) -> TeacherService:
 _open_routes = APIRouter()
 _metrics_routes = APIRouter()
 _model_routes = APIRouter()
+_admin_routes = APIRouter(include_in_schema=False)
 
 
 @_open_routes.get("/health")
@@ -240,3 +281,30 @@ async def completions(request: Request) -> JSONResponse:
 async def chat_completions(request: Request) -> JSONResponse:
     parsed = _service(request).parse(ChatCompletionRequest, await _request_data(request))
     return JSONResponse(await request.app.state.openai.chat_completions(parsed))
+
+
+@_admin_routes.post("/admin/v1/weights")
+async def load_weights(request: Request) -> JSONResponse:
+    """New weights without a restart: a checkpoint path (JSON) or streamed safetensors bytes."""
+    service = _service(request)
+    if OCTET_STREAM not in (request.headers.get("content-type") or ""):
+        parsed = service.parse(LoadWeightsRequest, await _request_data(request))
+        files = await asyncio.to_thread(weight_files, parsed.path)
+        return JSONResponse((await service.load_weights(files, parsed.model_version, "path")).to_json())
+    version = _query_version(request, service)
+    received = await receive_into_file(_idle_limited(request), request.app.state.max_weights_bytes)
+    try:
+        return JSONResponse((await service.load_weights([received], version, "body")).to_json())
+    finally:
+        received.unlink(missing_ok=True)
+
+
+def _query_version(request: Request, service: TeacherService) -> int | None:
+    raw = request.query_params.get("model_version")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"must be an integer, got {raw!r}", field="model_version") from None
+    return service.parse(WeightsVersion, {"model_version": value}).model_version

@@ -34,5 +34,10 @@ class ServiceMetrics:
             "potstill_tokens_generated", "Tokens generated across all samples.", registry=self.registry
         )
 
+        self.weight_pushes = Counter(
+            "potstill_weight_pushes", "Weight pushes, by outcome (loaded or refused).", ["outcome"], registry=self.registry
+        )
+        self.model_version = Gauge("potstill_model_version", "Version of the weights served now.", registry=self.registry)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

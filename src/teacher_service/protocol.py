@@ -234,6 +234,22 @@ class ChatCompletionRequest(StrictModel):
     _k_limit = field_validator("top_logprobs")(_at_most("max_top_logprobs"))
 
 
+# --- administration ---
+
+
+class WeightsVersion(StrictModel):
+    """The version a weight push is served as (streamed bytes carry it as a query parameter)."""
+
+    model_version: int | None = Field(None, ge=1, lt=2**63, description="Version to serve the weights as (none: the current + 1).")
+
+
+class LoadWeightsRequest(WeightsVersion):
+    """A weight push by path (a JSON body)."""
+
+    path: str = Field(min_length=1, description="On the teacher's machine: a safetensors file, or a directory with "
+                      "model.safetensors or the shards of model.safetensors.index.json (a Hugging Face save).")
+
+
 RequestT = TypeVar("RequestT", bound=StrictModel)
 
 
@@ -259,6 +275,7 @@ class ModelInfo(BaseModel):
     tokenizer_fingerprint: str
     eos_token_id: int
     max_batch: int
+    model_version: int = 0  # 0: unknown (a server that does not version its weights)
 
 
 @dataclass(frozen=True)
@@ -287,9 +304,10 @@ class TokenDistributions:
 @dataclass(frozen=True)
 class ScoredSequence(TokenDistributions):
     prompt_tokens: int = 0
+    model_version: int = 0  # of the weights that computed it; 0 where the server does not say
 
     def to_json(self) -> dict:
-        return {**super().to_json(), "prompt_tokens": self.prompt_tokens}
+        return {**super().to_json(), "prompt_tokens": self.prompt_tokens, "model_version": self.model_version}
 
 
 @dataclass(frozen=True)
@@ -305,9 +323,21 @@ class Sample(TokenDistributions):
 class GenerateResult:
     samples: list[Sample]
     prompt_tokens: int
+    model_version: int = 0  # of the weights that sampled them; 0 where the server does not say
 
     def to_json(self) -> dict:
-        return {"samples": [s.to_json() for s in self.samples], "prompt_tokens": self.prompt_tokens}
+        return {"samples": [s.to_json() for s in self.samples], "prompt_tokens": self.prompt_tokens,
+                "model_version": self.model_version}
+
+
+@dataclass(frozen=True)
+class WeightsLoaded:
+    model_version: int  # now served
+    tensors: int
+    seconds: float  # from the push's arrival to the new weights serving
+
+    def to_json(self) -> dict:
+        return {"model_version": self.model_version, "tensors": self.tensors, "seconds": self.seconds}
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ class TeacherServer:
         self.options = options
         self.service = TeacherService(_matching(ServiceSettings, options))
         self.grpc = GrpcTeacherServer(
-            self.service, options.api_keys, options.max_message_bytes, open_reflection=options.docs_without_api_key
+            self.service, options.api_keys, options.max_message_bytes, open_reflection=options.docs_without_api_key,
+            admin_keys=options.admin_keys, max_weights_bytes=options.max_weights_bytes,
         )
         # Made with IPPROTO_TCP so asyncio sets TCP_NODELAY on every accepted connection (it checks
         # the protocol); with protocol 0 small answers wait ~40 ms for the client's delayed ACK.
@@ -72,7 +73,7 @@ class TeacherServer:
         self.grpc_port = self.grpc.bind(options.host, options.grpc_port, tls)
         app = build_app(
             self.service, options.api_keys, options.max_body_bytes, options.metrics_need_api_key,
-            options.docs_without_api_key, options.body_timeout_seconds,
+            options.docs_without_api_key, options.body_timeout_seconds, options.admin_keys, options.max_weights_bytes,
         )
         config = uvicorn.Config(
             app, log_level="warning", lifespan="off", limit_concurrency=options.max_connections,
@@ -139,7 +140,7 @@ async def serve_until_signalled(options: ServeOptions) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of settings (keys as the flags); environment variables and flags override it")
-    add_schema_arguments(parser, ServeOptions, skip={"api_keys"}, env_prefix=ENV_PREFIX)
+    add_schema_arguments(parser, ServeOptions, skip={"api_keys", "admin_keys"}, env_prefix=ENV_PREFIX)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -4,18 +4,24 @@ HTTP and gRPC adapters hand it plain data and get typed results or a `TeacherErr
 The backend schedules its own work (the HF backend batches concurrent requests on its worker
 thread); the number of requests admitted (running or waiting) is bounded, and a request beyond
 the bound is refused at once with `Overloaded` instead of piling up behind the model.
+
+Weights can be replaced while serving (`load_weights`): the new tensors are read and checked
+while requests go on, then a gate holds new requests back, the admitted ones finish on the old
+weights, the backend swaps, and the gate opens again. So every request runs on one version,
+which each result carries (`model_version`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from teacher_service.backends.base import Backend, GenerateItem, SamplingParams, ScoreItem
-from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded
+from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded, TeacherError
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.protocol import (
     ChatMessage,
@@ -26,10 +32,46 @@ from teacher_service.protocol import (
     ScoreRequest,
     ScoreResponse,
     StrictModel,
+    WeightsLoaded,
     parse,
 )
+from teacher_service.weights import read_weights
 
 T = TypeVar("T")
+
+
+class SwapGate:
+    """Requests pass while the weights stay; a swap closes the gate, waits for the requests inside
+    to finish, and opens it again once the new weights serve."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._inside = 0
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        while not self._open.is_set():  # a waiter woken by one swap may meet the next one
+            await self._open.wait()
+        self._inside += 1
+        self._empty.clear()
+        try:
+            yield
+        finally:
+            self._inside -= 1
+            if not self._inside:
+                self._empty.set()
+
+    @contextlib.asynccontextmanager
+    async def swap(self) -> AsyncIterator[None]:
+        self._open.clear()
+        try:
+            await self._empty.wait()
+            yield
+        finally:
+            self._open.set()
 
 
 @dataclass(frozen=True)
@@ -52,6 +94,8 @@ class TeacherService:
         self._limits: Limits | None = None
         self._admitted = 0
         self._draining = False
+        self._gate = SwapGate()
+        self._push_lock = asyncio.Lock()
 
     # --- lifecycle ---
 
@@ -68,6 +112,7 @@ class TeacherService:
             max_prompt_chars=self.settings.max_prompt_chars,
         )
         self._backend = backend
+        self.metrics.model_version.set(backend.model_version)
 
     @property
     def ready(self) -> bool:
@@ -117,6 +162,7 @@ class TeacherService:
             backend=self.settings.backend,
             tokenizer_fingerprint=description.tokenizer_fingerprint,
             eos_token_id=description.eos_token_id,
+            model_version=self._backend.model_version,
             **asdict(self.limits),  # what the teacher enforces is what it reports
         )
 
@@ -153,6 +199,26 @@ class TeacherService:
         return GenerateResponse(results=[
             replace(r, samples=[s.with_logprobs_dtype(request.logprobs_dtype) for s in r.samples]) for r in results
         ])
+
+    async def load_weights(self, files: list, model_version: int | None, field: str) -> WeightsLoaded:
+        """Serve the safetensors `files` as `model_version` (none: the current version + 1); a file
+        that cannot be read is refused at `field`, a tensor that does not fit at `weights.<name>`.
+        One push at a time; requests wait only for the swap itself."""
+        backend = self._require_backend()
+        async with self._push_lock:
+            started = time.perf_counter()
+            try:
+                tensors = await asyncio.to_thread(read_weights, files, field)
+                await asyncio.to_thread(backend.check_weights, tensors)
+            except TeacherError:
+                self.metrics.weight_pushes.labels("refused").inc()
+                raise
+            version = model_version or backend.model_version + 1
+            async with self._gate.swap():
+                await backend.load_weights(tensors, version)
+            self.metrics.weight_pushes.labels("loaded").inc()
+            self.metrics.model_version.set(version)
+            return WeightsLoaded(model_version=version, tensors=len(tensors), seconds=time.perf_counter() - started)
 
     # --- helpers shared by the OpenAI-compatible layer ---
 
@@ -191,7 +257,8 @@ class TeacherService:
         self.metrics.queue_depth.set(self._admitted)
         started = time.perf_counter()
         try:
-            return await work()
+            async with self._gate.request():
+                return await work()
         finally:
             self._admitted -= 1
             self.metrics.queue_depth.set(self._admitted)

@@ -153,7 +153,10 @@ def _distributions_pb(result: Any) -> dict[str, pb.Tensor]:
 
 def score_response_pb(response: ScoreResponse) -> pb.ScoreResponse:
     return pb.ScoreResponse(
-        results=[pb.ScoredSequence(prompt_tokens=r.prompt_tokens, **_distributions_pb(r)) for r in response.results]
+        results=[
+            pb.ScoredSequence(prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_distributions_pb(r))
+            for r in response.results
+        ]
     )
 
 
@@ -162,6 +165,7 @@ def generate_response_pb(response: GenerateResponse) -> pb.GenerateResponse:
         results=[
             pb.GenerateResult(
                 prompt_tokens=r.prompt_tokens,
+                model_version=r.model_version,
                 samples=[pb.Sample(text=s.text, finish_reason=s.finish_reason, **_distributions_pb(s)) for s in r.samples],
             )
             for r in response.results
@@ -187,7 +191,10 @@ def _distributions(message: Any) -> dict[str, np.ndarray]:
 
 def score_response(message: pb.ScoreResponse) -> ScoreResponse:
     return ScoreResponse(
-        results=[ScoredSequence(prompt_tokens=r.prompt_tokens, **_distributions(r)) for r in message.results]
+        results=[
+            ScoredSequence(prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_distributions(r))
+            for r in message.results
+        ]
     )
 
 
@@ -196,6 +203,7 @@ def generate_response(message: pb.GenerateResponse) -> GenerateResponse:
         results=[
             GenerateResult(
                 prompt_tokens=r.prompt_tokens,
+                model_version=r.model_version,
                 samples=[Sample(text=s.text, finish_reason=s.finish_reason, **_distributions(s)) for s in r.samples],
             )
             for r in message.results

@@ -125,6 +125,9 @@ class CacheSource:
         live = self.fallback.stats() if self.fallback is not None else {}
         return {f"cache:{name}": {"group": name, **counts} for name, counts in self._counts.items()} | live
 
+    def versions(self) -> dict[str, int]:
+        return self.fallback.versions() if self.fallback is not None else {}  # a cache keeps no versions
+
     async def close(self) -> None:
         if self.fallback is not None:
             await self.fallback.close()
@@ -164,6 +167,9 @@ class RecordingSource:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return self.inner.stats()
+
+    def versions(self) -> dict[str, int]:
+        return self.inner.versions()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -84,6 +84,8 @@ def _kl_per_teacher(config: EvalConfig, model, tokens: StudentTokens, rows) -> d
             runner.run(attach_teacher_distributions(runner.pool, [[teacher.name]] * len(groups), tokens, groups, config, temperature=1.0))
             viewed = [example for group in groups for example in group.examples(tokens)]
             results[f"eval/kl/{teacher.name}"] = Evaluator([], viewed, tokens, None, config.max_new_tokens)(model)["eval/kl"]
+            if teacher.name in runner.pool.versions():  # the weights the KL was measured against
+                results[f"eval/teacher_version/{teacher.name}"] = runner.pool.versions()[teacher.name]
     return results
 
 
@@ -91,8 +93,14 @@ def _write_summary(output: Path, config: EvalConfig, results: dict[str, float]) 
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps({"model": config.model, "data": config.data, **results}, indent=2))
     lines = [f"# Evaluation of `{config.model}`\n", f"on `{config.data}`\n", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.1%} |" if name == "eval/accuracy" else f"| {name} | {value:.4f} |" for name, value in results.items()]
+    lines += [f"| {name} | {_shown(name, value)} |" for name, value in results.items()]
     (output / "eval.md").write_text("\n".join(lines) + "\n")
+
+
+def _shown(name: str, value: float) -> str:
+    if name == "eval/accuracy":
+        return f"{value:.1%}"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 # --- command line ---

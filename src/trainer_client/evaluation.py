@@ -1,7 +1,8 @@
 """Held-out evaluation: loss on reference completions, KL to the teachers, verified accuracy.
 
-The teachers' view of the held-out rows is fetched once (teachers do not change during a run),
-so an evaluation costs the student's time only.
+The teachers' view of the held-out rows is fetched once, so an evaluation costs the student's
+time only; where a teacher's weights change during the run (a self-teacher), the results name
+the version the KL is measured against (`eval/teacher_version/<teacher>`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ class Evaluator:
         verify: Callable[[str, str], bool] | None,
         max_new_tokens: int,
         batch_size: int = 32,
+        teacher_versions: dict[str, int] | None = None,
     ):
-        """`examples`: the held-out reference completions, with the teachers' top-k attached where known."""
+        """`examples`: the held-out reference completions, with the teachers' top-k attached where
+        known; `teacher_versions`: the weights version of each teacher that computed them."""
         self.rows = rows
+        self.teacher_versions = teacher_versions or {}
         self.examples = examples
         self.tokens = tokens
         self.verify = verify if verify is not None and all(r.answer is not None for r in rows) else None
@@ -85,4 +89,5 @@ class Evaluator:
         results = {"eval/loss": ce_sum / tokens}
         if self.examples[0].teacher_ids is not None:
             results["eval/kl"] = kl_sum / tokens
+            results.update({f"eval/teacher_version/{name}": version for name, version in self.teacher_versions.items()})
         return results

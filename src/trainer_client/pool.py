@@ -15,6 +15,7 @@ Endpoint specs are strings, a URL with an optional fragment of options:
 | `max_concurrency` | requests in flight at this endpoint at once (>= 1)                       | 8            |
 | `fingerprint`     | the tokenizer fingerprint, for endpoints that cannot report it (OpenAI)  | reported     |
 | `vocab_size`      | the vocabulary size, likewise                                            | reported     |
+| `model_version`   | the weights' version every answer must carry (replicas must agree)       | any          |
 
 Grouping: endpoints with the same explicit `name` are one teacher (they must report the same
 tokenizer fingerprint and vocabulary size); endpoints without one are grouped by (model,
@@ -26,6 +27,10 @@ flight. `TeacherUnavailable` is retried with exponential backoff (tenacity), on 
 when there is one; the failing replica is marked dead and probed again (with `model_info`)
 after a backoff of its own. When no replica is alive the request waits, probing, for up to
 `max_wait` seconds, then raises `TeacherUnavailable`. `TeacherRequestError` propagates at once.
+A teacher can be pinned to a `model_version` (the spec option, or `pool.pin_version` after a
+weight push): an answer computed with another version counts as `TeacherUnavailable` from that
+replica, which stays out of service until its model info reports the pinned version, so the
+request is retried elsewhere or waits for it (and after `max_wait` fails, naming both versions).
 A request's answer is always whole: the pool returns the full answer or raises, so a training
 step is never lost half-way nor counted twice. A batch larger than the teacher's `max_batch`
 goes as several requests (spread over the replicas like any others), answered in order.
@@ -75,6 +80,7 @@ class TeacherSpec:
     max_concurrency: int = 8
     fingerprint: str | None = None
     vocab_size: int | None = None
+    model_version: int | None = None
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme.lower()
@@ -118,6 +124,7 @@ _SPEC_OPTIONS = {
     "max_concurrency": int,
     "fingerprint": str,
     "vocab_size": int,
+    "model_version": int,
 }
 
 
@@ -149,6 +156,18 @@ class Endpoint:
         self.probe_delay = 0.0
         self.next_probe = 0.0
         self.probing: asyncio.Task | None = None
+        self.down_reason = ""  # why it is out of service, for the error that gives up on it
+        self.pinned_version = spec.model_version  # answers on another version are refused
+        self.last_version = info.model_version  # of the latest answer (0: the server does not say)
+
+    def check_version(self, versions: set[int]) -> None:
+        """Raise `TeacherUnavailable` when an answer's results were computed with other weights than the pinned ones."""
+        if self.pinned_version is not None and versions != {self.pinned_version}:
+            raise TeacherUnavailable(
+                f"answered on model_version {', '.join(map(str, sorted(versions)))}, but the pool pins "
+                f"{self.pinned_version}", url=self.url,
+            )
+        self.last_version = max(versions, default=self.last_version)
 
     @property
     def url(self) -> str:
@@ -176,6 +195,11 @@ class TeacherGroup:
     def alive(self) -> list[Endpoint]:
         return [endpoint for endpoint in self.endpoints if endpoint.alive]
 
+    @property
+    def model_version(self) -> int:
+        """The version of the group's latest answer (0 where its servers do not say)."""
+        return max(endpoint.last_version for endpoint in self.endpoints)
+
 
 def _default_name(info: ModelInfo) -> str:
     return PurePosixPath(info.model.rstrip("/")).name or info.model or "teacher"
@@ -201,8 +225,10 @@ def _group_endpoints(endpoints: list[Endpoint]) -> list[TeacherGroup]:
                     f"{first.info.tokenizer_fingerprint or 'unknown'} (vocab {first.info.vocab_size}), {other.url} has "
                     f"{other.info.tokenizer_fingerprint or 'unknown'} (vocab {other.info.vocab_size}); give them different names"
                 )
-            if other.spec.weight != first.spec.weight:
-                raise ValueError(f"replicas of teacher {name!r} disagree on weight: {first.spec.weight} ({first.url}) vs {other.spec.weight} ({other.url})")
+            for option in ("weight", "model_version"):
+                if getattr(other.spec, option) != getattr(first.spec, option):
+                    raise ValueError(f"replicas of teacher {name!r} disagree on {option}: {getattr(first.spec, option)} "
+                                     f"({first.url}) vs {getattr(other.spec, option)} ({other.url})")
         tags = tuple(dict.fromkeys(tag for member in members for tag in member.spec.tags))
         groups.append(TeacherGroup(name=name, tags=tags, weight=first.spec.weight, info=first.info, endpoints=members))
     return groups
@@ -330,6 +356,17 @@ class TeacherPool:
             raise KeyError(f"no teacher named {name!r}; the pool has {', '.join(self._groups)}")
         return self._groups[name]
 
+    def pin_version(self, group_name: str, version: int | None) -> None:
+        """From now on accept answers of teacher `group_name` computed with weights `version` only (None: any)."""
+        for endpoint in self.group(group_name).endpoints:
+            endpoint.pinned_version = version
+            if version is not None:
+                endpoint.last_version = version
+
+    def versions(self) -> dict[str, int]:
+        """Each teacher's version of its latest answer, where its servers report one."""
+        return {name: group.model_version for name, group in self._groups.items() if group.model_version}
+
     # --- requests ---
 
     async def score(self, group_name: str, request: dict) -> ScoreResponse:
@@ -390,7 +427,8 @@ class TeacherPool:
                 await asyncio.wait(probes)
             alive = group.alive
         if not alive:
-            raise TeacherUnavailable(f"no replica of teacher {group.name!r} is alive")
+            reasons = "; ".join(f"{e.url}: {e.down_reason}" for e in group.endpoints if e.down_reason)
+            raise TeacherUnavailable(f"no replica of teacher {group.name!r} is alive" + (f" ({reasons})" if reasons else ""))
         return min(alive, key=lambda e: (e in tried, e.outstanding, e.stats.requests))
 
     async def _attempt(self, endpoint: Endpoint, method: str, request: dict, is_retry: bool) -> Any:
@@ -403,7 +441,9 @@ class TeacherPool:
                 endpoint.stats.retries += is_retry
                 started = time.perf_counter()
                 try:
-                    return await getattr(endpoint.client, method)(request)
+                    answer = await getattr(endpoint.client, method)(request)
+                    endpoint.check_version({result.model_version for result in answer.results})
+                    return answer
                 except TeacherUnavailable as error:
                     endpoint.stats.failures += 1
                     if not error.overloaded:
@@ -423,6 +463,7 @@ class TeacherPool:
         if not endpoint.alive:
             return
         endpoint.alive = False
+        endpoint.down_reason = error.message if isinstance(error, TeacherUnavailable) else str(error)
         endpoint.probe_delay = self.probe_initial
         endpoint.next_probe = time.monotonic() + endpoint.probe_delay
         log.warning("teacher endpoint %s marked dead: %s", endpoint.url, error)
@@ -434,7 +475,10 @@ class TeacherPool:
             same = (info.tokenizer_fingerprint, info.vocab_size) == (endpoint.info.tokenizer_fingerprint, endpoint.info.vocab_size)
             if not same:
                 log.error("teacher endpoint %s came back with another tokenizer (%s); kept out of service", endpoint.url, info.tokenizer_fingerprint)
-            endpoint.alive = same
+            pinned = endpoint.pinned_version in (None, info.model_version)
+            if not pinned:
+                endpoint.down_reason = f"serves model_version {info.model_version}, but the pool pins {endpoint.pinned_version}"
+            endpoint.alive = same and pinned
         except (TeacherUnavailable, TeacherRequestError, asyncio.TimeoutError, ValueError):
             endpoint.alive = False
         finally:
@@ -450,7 +494,8 @@ class TeacherPool:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per endpoint URL: its group, health and traffic (`EndpointStats`), JSON-ready."""
         return {
-            endpoint.url: {"group": group.name, "alive": endpoint.alive, "outstanding": endpoint.outstanding, **asdict(endpoint.stats)}
+            endpoint.url: {"group": group.name, "alive": endpoint.alive, "outstanding": endpoint.outstanding,
+                           "model_version": endpoint.last_version, **asdict(endpoint.stats)}
             for group in self._groups.values()
             for endpoint in group.endpoints
         }

@@ -39,3 +39,6 @@ class TeacherSource(Protocol):
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-teacher traffic counters, written to the run's `teacher_traffic.json`."""
+
+    def versions(self) -> dict[str, int]:
+        """Each teacher's weights version of its latest answer, where known (live teachers that report one)."""

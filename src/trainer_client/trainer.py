@@ -268,11 +268,13 @@ def build_evaluator(config: TrainConfig, rows, tokens: StudentTokens, runner: Po
     """Held-out rows; with white-box teachers, their view of the references at temperature 1 is fetched once."""
     with_reference = [r for r in rows if r.completion is not None]
     groups = method.reference_groups(with_reference)
+    versions = {}
     if runner and config.white_box and groups:
         runner.run(annotate_held_out(method, groups))
+        versions = runner.pool.versions()  # nothing else has asked the teachers yet
     examples = [example for group in groups for example in group.examples(tokens)]
     verify = get_verifier(config.verifier) if config.verifier else None
-    return Evaluator(rows, examples, tokens, verify, config.eval_max_new_tokens)
+    return Evaluator(rows, examples, tokens, verify, config.eval_max_new_tokens, teacher_versions=versions)
 
 
 async def annotate_held_out(method: Method, groups: list) -> None:

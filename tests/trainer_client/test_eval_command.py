@@ -37,6 +37,7 @@ def test_eval_reports_kl_per_teacher_ce_and_accuracy(tiny_model_dir, teacher, tm
     # The teacher's own model is at zero KL from it, through either transport.
     assert itself["eval/kl/same"] == pytest.approx(0.0, abs=1e-4)
     assert itself["eval/kl/again"] == pytest.approx(0.0, abs=1e-4)
+    assert itself["eval/teacher_version/same"] == 1  # the weights the KL was measured against
     assert itself["eval/loss"] > 0
     different = run(str(other), "other")
     assert different["eval/kl/same"] > 0.1

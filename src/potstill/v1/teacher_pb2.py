@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19potstill/v1/teacher.proto\x12\x0bpotstill.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.potstill.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.potstill.v1.ChatMessage\"w\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.potstill.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xe5\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x06 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\"a\n\rScoreSequence\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Prompt\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.potstill.v1.Completion\"\xc1\x01\n\x0cScoreRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.potstill.v1.ScoreSequence\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0elogprobs_dtype\x18\x04 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x11\n\x0f_logprobs_dtype\"\xcd\x01\n\x0eScoredSequence\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.ScoredSequence\"\xb3\x02\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Prompt\x12\x0e\n\x01n\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12/\n\x0elogprobs_dtype\x18\x08 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x05\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_logprobs_dtype\"\xd3\x01\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x05 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"M\n\x0eGenerateResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"@\n\x10GenerateResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.GenerateResult*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\xd9\x01\n\x07Teacher\x12\x45\n\x0cGetModelInfo\x12\x1d.potstill.v1.ModelInfoRequest\x1a\x16.potstill.v1.ModelInfo\x12>\n\x05Score\x12\x19.potstill.v1.ScoreRequest\x1a\x1a.potstill.v1.ScoreResponse\x12G\n\x08Generate\x12\x1c.potstill.v1.GenerateRequest\x1a\x1d.potstill.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19potstill/v1/teacher.proto\x12\x0bpotstill.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.potstill.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.potstill.v1.ChatMessage\"w\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.potstill.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xfc\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x06 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\"a\n\rScoreSequence\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Prompt\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.potstill.v1.Completion\"\xc1\x01\n\x0cScoreRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.potstill.v1.ScoreSequence\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0elogprobs_dtype\x18\x04 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x11\n\x0f_logprobs_dtype\"\xe4\x01\n\x0eScoredSequence\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.ScoredSequence\"\xb3\x02\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Prompt\x12\x0e\n\x01n\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12/\n\x0elogprobs_dtype\x18\x08 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x05\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_logprobs_dtype\"\xd3\x01\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x05 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"d\n\x0eGenerateResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"@\n\x10GenerateResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.GenerateResult\"b\n\x12LoadWeightsRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x1b\n\x11safetensors_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x42\x08\n\x06source\"N\n\x13LoadWeightsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\xd9\x01\n\x07Teacher\x12\x45\n\x0cGetModelInfo\x12\x1d.potstill.v1.ModelInfoRequest\x1a\x16.potstill.v1.ModelInfo\x12>\n\x05Score\x12\x19.potstill.v1.ScoreRequest\x1a\x1a.potstill.v1.ScoreResponse\x12G\n\x08Generate\x12\x1c.potstill.v1.GenerateRequest\x1a\x1d.potstill.v1.GenerateResponse2b\n\x0cTeacherAdmin\x12R\n\x0bLoadWeights\x12\x1f.potstill.v1.LoadWeightsRequest\x1a .potstill.v1.LoadWeightsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'potstill.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1937
-  _globals['_DTYPE']._serialized_end=2022
+  _globals['_DTYPE']._serialized_start=2186
+  _globals['_DTYPE']._serialized_end=2271
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=114
   _globals['_TOKENIDS']._serialized_start=116
@@ -48,23 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFOREQUEST']._serialized_start=450
   _globals['_MODELINFOREQUEST']._serialized_end=468
   _globals['_MODELINFO']._serialized_start=471
-  _globals['_MODELINFO']._serialized_end=700
-  _globals['_SCORESEQUENCE']._serialized_start=702
-  _globals['_SCORESEQUENCE']._serialized_end=799
-  _globals['_SCOREREQUEST']._serialized_start=802
-  _globals['_SCOREREQUEST']._serialized_end=995
-  _globals['_SCOREDSEQUENCE']._serialized_start=998
-  _globals['_SCOREDSEQUENCE']._serialized_end=1203
-  _globals['_SCORERESPONSE']._serialized_start=1205
-  _globals['_SCORERESPONSE']._serialized_end=1266
-  _globals['_GENERATEREQUEST']._serialized_start=1269
-  _globals['_GENERATEREQUEST']._serialized_end=1576
-  _globals['_SAMPLE']._serialized_start=1579
-  _globals['_SAMPLE']._serialized_end=1790
-  _globals['_GENERATERESULT']._serialized_start=1792
-  _globals['_GENERATERESULT']._serialized_end=1869
-  _globals['_GENERATERESPONSE']._serialized_start=1871
-  _globals['_GENERATERESPONSE']._serialized_end=1935
-  _globals['_TEACHER']._serialized_start=2025
-  _globals['_TEACHER']._serialized_end=2242
+  _globals['_MODELINFO']._serialized_end=723
+  _globals['_SCORESEQUENCE']._serialized_start=725
+  _globals['_SCORESEQUENCE']._serialized_end=822
+  _globals['_SCOREREQUEST']._serialized_start=825
+  _globals['_SCOREREQUEST']._serialized_end=1018
+  _globals['_SCOREDSEQUENCE']._serialized_start=1021
+  _globals['_SCOREDSEQUENCE']._serialized_end=1249
+  _globals['_SCORERESPONSE']._serialized_start=1251
+  _globals['_SCORERESPONSE']._serialized_end=1312
+  _globals['_GENERATEREQUEST']._serialized_start=1315
+  _globals['_GENERATEREQUEST']._serialized_end=1622
+  _globals['_SAMPLE']._serialized_start=1625
+  _globals['_SAMPLE']._serialized_end=1836
+  _globals['_GENERATERESULT']._serialized_start=1838
+  _globals['_GENERATERESULT']._serialized_end=1938
+  _globals['_GENERATERESPONSE']._serialized_start=1940
+  _globals['_GENERATERESPONSE']._serialized_end=2004
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=2006
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=2104
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=2106
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=2184
+  _globals['_TEACHER']._serialized_start=2274
+  _globals['_TEACHER']._serialized_end=2491
+  _globals['_TEACHERADMIN']._serialized_start=2493
+  _globals['_TEACHERADMIN']._serialized_end=2591
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch")
+    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class ModelInfo(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     backend: str
     vocab_size: int
@@ -92,7 +93,8 @@ class ModelInfo(_message.Message):
     max_new_tokens: int
     eos_token_id: int
     max_batch: int
-    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
     __slots__ = ("prompt", "completion")
@@ -115,18 +117,20 @@ class ScoreRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[ScoreSequence, _Mapping]]] = ..., top_logprobs: _Optional[int] = ..., temperature: _Optional[float] = ..., logprobs_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ScoredSequence(_message.Message):
-    __slots__ = ("token_ids", "token_logprobs", "top_ids", "top_logprobs", "prompt_tokens")
+    __slots__ = ("token_ids", "token_logprobs", "top_ids", "top_logprobs", "prompt_tokens", "model_version")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     token_ids: Tensor
     token_logprobs: Tensor
     top_ids: Tensor
     top_logprobs: Tensor
     prompt_tokens: int
-    def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results",)
@@ -171,15 +175,37 @@ class Sample(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("samples", "prompt_tokens")
+    __slots__ = ("samples", "prompt_tokens", "model_version")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     prompt_tokens: int
-    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("results",)
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[GenerateResult]
     def __init__(self, results: _Optional[_Iterable[_Union[GenerateResult, _Mapping]]] = ...) -> None: ...
+
+class LoadWeightsRequest(_message.Message):
+    __slots__ = ("path", "safetensors_chunk", "model_version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SAFETENSORS_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    safetensors_chunk: bytes
+    model_version: int
+    def __init__(self, path: _Optional[str] = ..., safetensors_chunk: _Optional[bytes] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class LoadWeightsResponse(_message.Message):
+    __slots__ = ("model_version", "tensors", "seconds")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    tensors: int
+    seconds: float
+    def __init__(self, model_version: _Optional[int] = ..., tensors: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

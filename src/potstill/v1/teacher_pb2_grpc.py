@@ -193,3 +193,84 @@ class Teacher:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TeacherAdminStub:
+    """Administration of a teacher, behind its own admin key (`authorization: Bearer <admin key>`),
+    never the API keys; refused with PERMISSION_DENIED when the teacher has no admin key.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadWeights = channel.stream_unary(
+                '/potstill.v1.TeacherAdmin/LoadWeights',
+                request_serializer=potstill_dot_v1_dot_teacher__pb2.LoadWeightsRequest.SerializeToString,
+                response_deserializer=potstill_dot_v1_dot_teacher__pb2.LoadWeightsResponse.FromString,
+                _registered_method=True)
+
+
+class TeacherAdminServicer:
+    """Administration of a teacher, behind its own admin key (`authorization: Bearer <admin key>`),
+    never the API keys; refused with PERMISSION_DENIED when the teacher has no admin key.
+    """
+
+    def LoadWeights(self, request_iterator, context):
+        """Replace the served weights without a restart. Requests in flight finish on the old weights,
+        requests arriving meanwhile wait for the swap; tensors whose names or shapes do not match the
+        served model are refused with INVALID_ARGUMENT naming the tensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TeacherAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadWeights,
+                    request_deserializer=potstill_dot_v1_dot_teacher__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=potstill_dot_v1_dot_teacher__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'potstill.v1.TeacherAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('potstill.v1.TeacherAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TeacherAdmin:
+    """Administration of a teacher, behind its own admin key (`authorization: Bearer <admin key>`),
+    never the API keys; refused with PERMISSION_DENIED when the teacher has no admin key.
+    """
+
+    @staticmethod
+    def LoadWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/potstill.v1.TeacherAdmin/LoadWeights',
+            potstill_dot_v1_dot_teacher__pb2.LoadWeightsRequest.SerializeToString,
+            potstill_dot_v1_dot_teacher__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -10,7 +10,7 @@ its own worker thread (`teacher_service.batching`), an engine such as vLLM sched
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from teacher_service.protocol import GenerateResult, ScoredSequence
 
@@ -66,6 +66,7 @@ class GenerateItem:
 class Backend(Protocol):
     name: str
     description: ModelDescription
+    model_version: int  # of the weights now served: 1 as loaded, then as each `load_weights` sets it
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt text, with the special tokens the tokenizer adds by default."""
@@ -84,6 +85,13 @@ class Backend(Protocol):
 
     async def generate(self, items: list[GenerateItem]) -> list[GenerateResult]:
         """`item.params.n` samples for each item's prompt."""
+
+    def check_weights(self, tensors: dict[str, Any]) -> None:
+        """Raise `InvalidRequest` naming the first tensor (`weights.<name>`) that does not fit the served model."""
+
+    async def load_weights(self, tensors: dict[str, Any], model_version: int) -> None:
+        """Serve `tensors` (checked) as `model_version` from the next pass on; results carry the
+        version of the weights that computed them."""
 
     def abandon_waiting(self, error: Exception) -> None:
         """Fail every call still waiting for the model with `error`; work under way finishes."""

@@ -9,6 +9,7 @@ top-k only (`hf_sampling`). Memory stays bounded for long sequences and large vo
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ from teacher_service.backends.base import BackendConfig, GenerateItem, ModelDesc
 from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
 from teacher_service.batching import Batcher, BatchingSettings
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
+from teacher_service.weights import check_weights, copy_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -65,6 +67,7 @@ class HFBackend:
 
     def __init__(self, model, tokenizer, config: BackendConfig):
         self.model = model
+        self.model_version = 1  # read and changed on the worker thread only, between passes
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(config.device)
@@ -122,6 +125,19 @@ class HFBackend:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
+    # --- weights ---
+
+    def check_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        check_weights(self.model, tensors)
+
+    async def load_weights(self, tensors: dict[str, torch.Tensor], model_version: int) -> None:
+        # On the worker thread: after the pass under way, before any later one.
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._swap, tensors, model_version)
+
+    def _swap(self, tensors: dict[str, torch.Tensor], model_version: int) -> None:
+        copy_weights(self.model, tensors)
+        self.model_version = model_version
+
     # --- scoring ---
 
     @torch.inference_mode()
@@ -158,6 +174,7 @@ class HFBackend:
                     top_ids=top_ids[window, :keep],  # each row is sorted, so its first k are its top-k
                     top_logprobs=top_logprobs[window, :keep],
                     prompt_tokens=len(item.prompt_ids),
+                    model_version=self.model_version,
                 )
             )
         return results
@@ -226,7 +243,8 @@ class HFBackend:
         for row, ((index, _), p) in enumerate(zip(rows, params)):
             sample = self._sample(new_tokens[row], token_logprobs[row], top_logprobs[row], top_ids[row], p)
             samples[index].extend([sample] * (p.n if p.temperature == 0 else 1))
-        return [GenerateResult(samples=s, prompt_tokens=len(item.prompt_ids)) for s, item in zip(samples, items)]
+        return [GenerateResult(samples=s, prompt_tokens=len(item.prompt_ids), model_version=self.model_version)
+                for s, item in zip(samples, items)]
 
     @staticmethod
     def _rows_of(item: GenerateItem) -> int:
