@@ -33,6 +33,19 @@ class ServiceMetrics:
         self.tokens_generated = Counter(
             "potstill_tokens_generated", "Tokens generated across all samples.", registry=self.registry
         )
+        self.pass_sequences = Histogram(
+            "potstill_forward_pass_sequences", "Sequences (rows) in one forward pass of the model, by kind.",
+            ["kind"], buckets=[2**i for i in range(11)], registry=self.registry,
+        )
+        self.pass_tokens = Histogram(
+            "potstill_forward_pass_tokens", "Padded tokens (rows x width) in one forward pass, by kind.",
+            ["kind"], buckets=[2**i for i in range(4, 18)], registry=self.registry,
+        )
+
+    def observe_pass(self, kind: str, sequences: int, tokens: int) -> None:
+        """One forward pass (or, for generate, one decoding loop) over `sequences` rows of `tokens` in all."""
+        self.pass_sequences.labels(kind).observe(sequences)
+        self.pass_tokens.labels(kind).observe(tokens)
 
         self.weight_pushes = Counter(
             "potstill_weight_pushes", "Weight pushes, by outcome (loaded or refused).", ["outcome"], registry=self.registry

@@ -111,6 +111,7 @@ class TeacherService:
             max_batch=self.settings.max_batch,
             max_prompt_chars=self.settings.max_prompt_chars,
         )
+        backend.observe_passes(self.metrics.observe_pass)
         self._backend = backend
         self.metrics.model_version.set(backend.model_version)
 

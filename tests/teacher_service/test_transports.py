@@ -162,6 +162,26 @@ def test_metrics_count_requests(http, stub):
     assert after[("potstill_queue_depth", ())] == 0
 
 
+def test_metrics_report_each_forward_pass_rows_and_padded_tokens(http):
+    def passes(metrics, kind):
+        labels = (("kind", kind),)
+        return tuple(
+            metrics.get((f"potstill_forward_pass_{what}_{field}", labels), 0.0)
+            for what in ("sequences", "tokens") for field in ("count", "sum")
+        )
+
+    before = read_metrics(http)
+    sequences = [{"prompt": [1, 2], "completion": [3, 4, 5]}, {"prompt": [1], "completion": [3]}]
+    assert http.post("/v1/score", json={"sequences": sequences}).status_code == 200
+    generate = {"prompts": [[1, 2, 3]], "n": 2, "max_tokens": 2, "temperature": 1.0, "seed": 0}
+    assert http.post("/v1/generate", json=generate).status_code == 200
+    after = read_metrics(http)
+    score_delta = [a - b for a, b in zip(passes(after, "score"), passes(before, "score"))]
+    generate_delta = [a - b for a, b in zip(passes(after, "generate"), passes(before, "generate"))]
+    assert score_delta == [1, 2, 1, 2 * 5]  # one pass: two rows padded to the longer one's 5 tokens
+    assert generate_delta == [1, 2, 1, 2 * 3]  # one decoding loop: a row per sample of the 3-token prompt
+
+
 @pytest.mark.parametrize("kind", ["score", "generate"])
 def test_half_precision_logprobs_travel_in_two_bytes_and_decode_to_float32(http, stub, kind):
     request = {**(SCORE_REQUEST if kind == "score" else GENERATE_REQUEST), "logprobs_dtype": "float16"}

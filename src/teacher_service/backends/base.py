@@ -9,6 +9,7 @@ its own worker thread (`teacher_service.batching`), an engine such as vLLM sched
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -17,6 +18,10 @@ from teacher_service.protocol import GenerateResult, ScoredSequence
 # What a sampled token's log-probs describe: the model's own distribution ("raw", as vLLM's
 # default `logprobs_mode`) or the one sampled from, after temperature and top-p ("processed").
 LogprobsMode = Literal["raw", "processed"]
+
+# Told of each forward pass a backend runs: its kind ("score" or "generate"), its rows and its
+# padded tokens (rows x width; a generate pass counts its prompt width).
+PassObserver = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,10 @@ class Backend(Protocol):
     async def load_weights(self, tensors: dict[str, Any], model_version: int) -> None:
         """Serve `tensors` (checked) as `model_version` from the next pass on; results carry the
         version of the weights that computed them."""
+
+    def observe_passes(self, observer: PassObserver) -> None:
+        """Report every forward pass from now on to `observer` (an engine that batches out of sight
+        may report none)."""
 
     def abandon_waiting(self, error: Exception) -> None:
         """Fail every call still waiting for the model with `error`; work under way finishes."""

@@ -23,7 +23,14 @@ from transformers import (
 )
 
 from potstill.fingerprint import tokenizer_fingerprint
-from teacher_service.backends.base import BackendConfig, GenerateItem, ModelDescription, SamplingParams, ScoreItem
+from teacher_service.backends.base import (
+    BackendConfig,
+    GenerateItem,
+    ModelDescription,
+    PassObserver,
+    SamplingParams,
+    ScoreItem,
+)
 from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
 from teacher_service.batching import Batcher, BatchingSettings
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
@@ -87,6 +94,7 @@ class HFBackend:
         batching = BatchingSettings(config.batch_window_ms / 1000, config.max_batch_tokens)
         self._score_batcher = Batcher(self.score_now, _score_cost, batching, self._executor)
         self._generate_batcher = Batcher(self.generate_now, _generate_cost, batching, self._executor)
+        self._pass_observer: PassObserver = lambda kind, sequences, tokens: None
 
     @classmethod
     def load(cls, config: BackendConfig) -> HFBackend:
@@ -117,6 +125,9 @@ class HFBackend:
 
     async def generate(self, items: list[GenerateItem]) -> list[GenerateResult]:
         return await self._generate_batcher.submit(items)
+
+    def observe_passes(self, observer: PassObserver) -> None:
+        self._pass_observer = observer
 
     def abandon_waiting(self, error: Exception) -> None:
         self._score_batcher.abandon_waiting(error)
@@ -153,6 +164,7 @@ class HFBackend:
     def _score_batch(self, items: list[ScoreItem]) -> list[ScoredSequence]:
         sequences = [item.prompt_ids + item.completion_ids for item in items]
         input_ids, attention_mask = self._right_padded(sequences)
+        self._pass_observer("score", len(sequences), input_ids.numel())
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # The state at position t predicts token t + 1: a completion starting at p is read from p - 1.
         spans = [(len(item.prompt_ids) - 1, len(item.completion_ids)) for item in items]
@@ -226,6 +238,7 @@ class HFBackend:
         rows = [(index, j) for index, item in enumerate(items) for j in range(self._rows_of(item))]
         params = [items[index].params for index, _ in rows]
         input_ids, attention_mask = self._left_padded([items[index].prompt_ids for index, _ in rows])
+        self._pass_observer("generate", len(rows), input_ids.numel())
         sampler = RowSampler(
             params, [sample_seed(p.seed, j) for p, (_, j) in zip(params, rows)],
             max(p.top_logprobs for p in params), self.config.logprobs_mode, self.device,
