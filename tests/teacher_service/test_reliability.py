@@ -239,6 +239,23 @@ def test_a_trickling_body_times_out_with_408(start_teacher):
         assert head.startswith("HTTP/1.1 408"), head
 
 
+def test_connections_beyond_max_connections_are_answered_503(start_teacher):
+    with start_teacher(max_connections=3) as server:
+        address = ("127.0.0.1", server.server.http_port)
+        idle = [socket.create_connection(address) for _ in range(2)]
+        try:
+            # The server accepts connections in order, so both idle ones count before this request.
+            crowded = httpx.get(server.http_url + "/health/live")
+        finally:
+            for connection in idle:
+                connection.close()
+        assert crowded.status_code == 503
+        deadline = time.monotonic() + 30
+        while httpx.get(server.http_url + "/health/live").status_code != 200:  # room again once they left
+            assert time.monotonic() < deadline, "connections were never released"
+            time.sleep(0.05)
+
+
 def test_429_says_when_to_retry(start_teacher):
     with start_teacher(max_queued_requests=1) as server:
         service = server.server.service

@@ -3,8 +3,9 @@
 Every scenario trains the same logit-kd run (N steps) while something goes wrong, and must end
 as the uninterrupted run did: metrics for steps 1..N exactly once and final weights bitwise
 equal. Teachers are `potstill serve` processes at one thread each (their answers are then the
-same bits whichever replica gives them); requests go one at a time (`prefetch=0`), so every
-forward pass holds the same sequences as in the reference run.
+same bits whichever replica gives them), running one sequence per forward pass
+(`--max-batch-tokens 1`), so a sequence's numbers never depend on what else the teacher is
+doing; requests go one at a time (`prefetch=0`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -45,7 +47,7 @@ def world(tmp_path_factory):
 
 def _teacher(world, http_port: int = 0, grpc_port: int = 0) -> TeacherProcess:
     return TeacherProcess(world["teacher"], "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                          "--grace-seconds", "0.5", threads=1).start()
+                          "--grace-seconds", "0.5", "--max-batch-tokens", "1", threads=1).start()
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +149,53 @@ def test_all_teachers_down_for_a_while(world, reference, tmp_path):
             process.stop()
 
 
-def test_sigterm_of_an_http_teacher_mid_run(world, replicas, reference, tmp_path):
+def _flood(url: str, stop: threading.Event, answers: list[int], clients: int = 8) -> list[threading.Thread]:
+    """`clients` threads each sending heavy score requests to `url` until `stop` or the server is gone."""
+    body = {"sequences": [{"prompt": list(range(5, 125)), "completion": list(range(5, 125))}] * 64, "top_logprobs": 8}
+
+    def send() -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    answers.append(client.post("/v1/score", json=body).status_code)
+                except httpx.TransportError:  # the teacher has exited
+                    return
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _queue_depth(url: str) -> float:
+    metrics = httpx.get(url + "/metrics").text
+    return next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("potstill_queue_depth "))
+
+
+def test_sigterm_of_an_http_teacher_with_queued_work(world, replicas, reference, tmp_path):
     leaving = _teacher(world)
+    stop, flood_answers, flood = threading.Event(), [], []
+
+    def flood_then_sigterm() -> None:
+        flood.extend(_flood(leaving.http_url, stop, flood_answers))
+        deadline = time.monotonic() + 60
+        while _queue_depth(leaving.http_url) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        leaving.process.send_signal(signal.SIGTERM)
+
     try:
         output = tmp_path / "run"
-        watcher = _when_step(output, 4, lambda: leaving.process.send_signal(signal.SIGTERM))
+        watcher = _when_step(output, 4, flood_then_sigterm)
         train(TrainConfig(**_settings(world, output, [leaving.http_url, replicas[1].http_url])), progress=False)
-        watcher.join(timeout=5)
+        watcher.join(timeout=60)
         assert leaving.process.wait(timeout=30) == 0  # it drained and exited cleanly
         _assert_same_run(output, reference)
+        # Work was queued past the 0.5 s grace: it was answered 503 (retry elsewhere), never 500.
+        assert 503 in flood_answers and 500 not in flood_answers
     finally:
+        stop.set()
+        for thread in flood:
+            thread.join(timeout=60)
         leaving.stop()
 
 

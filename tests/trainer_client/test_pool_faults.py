@@ -78,3 +78,21 @@ async def _once(runner: PoolRunner):
     """One request straight to the stopped endpoint, so the pool marks it dead."""
     endpoint = runner.pool.groups()[0].endpoints[0]
     return await runner.pool._attempt(endpoint, "score", REQUEST, is_retry=False)
+
+
+def test_probe_backoff_doubles_up_to_five_seconds_by_default(tiny_model_dir):
+    leaving = start_teacher(tiny_model_dir)
+    runner = PoolRunner.connect([leaving.grpc_url])  # the default backoff: 0.5 s doubling, at most 5 s
+    endpoint = runner.pool.groups()[0].endpoints[0]
+    try:
+        leaving.stop()
+        with pytest.raises(TeacherUnavailable):
+            runner.run(_once(runner))
+        delays = [endpoint.probe_delay]
+        for _ in range(6):
+            runner.run(runner.pool._probe(endpoint))
+            delays.append(endpoint.probe_delay)
+        assert not endpoint.alive
+        assert delays == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    finally:
+        runner.close()
