@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import socket
 import threading
@@ -34,6 +35,7 @@ from teacher_service.http_server import build_app
 from teacher_service.protocol import CHARS_PER_TOKEN_BOUND, MIN_TEMPERATURE
 from teacher_service.serve import TeacherServer
 from teacher_service.service import ServiceSettings, TeacherService
+from teacher_service.testing import TeacherProcess
 
 from .conftest import PROTOBUF, grpc_target
 
@@ -65,6 +67,32 @@ def test_a_huge_text_prompt_is_refused_before_tokenising(http, stub):
         stub.Generate(wire.generate_request_pb({"prompts": [too_long]}))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith("prompts.0: ")
+
+
+def _resident_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_memory_comes_back_after_huge_prompts(tiny_model_dir):
+    """A 31 MiB prompt once left the server at 7.2 GB; refused ones must give their memory back."""
+    teacher = TeacherProcess(tiny_model_dir, "--http-port", "0", "--grpc-port", "0", threads=1).start()
+    try:
+        with httpx.Client(base_url=teacher.http_url, timeout=120) as client:
+            assert client.post("/v1/score", json=SCORE).status_code == 200
+            before = _resident_mib(teacher.process.pid)
+            huge = "1+2 " * (30 * 2**20 // 4)
+            for _ in range(3):
+                answer = client.post("/v1/score", json={"sequences": [{"prompt": huge, "completion": "1"}]})
+                assert answer.status_code == 400
+            del huge
+            deadline = time.monotonic() + 30
+            while _resident_mib(teacher.process.pid) > before + 32:  # freed once the last request is cleaned up
+                assert time.monotonic() < deadline, f"{_resident_mib(teacher.process.pid):.0f} MiB, was {before:.0f}"
+                time.sleep(0.1)
+    finally:
+        teacher.stop()
 
 
 def test_health_answers_while_a_prompt_is_tokenised(start_teacher):
