@@ -41,16 +41,15 @@ class ServiceMetrics:
             "potstill_forward_pass_tokens", "Padded tokens (rows x width) in one forward pass, by kind.",
             ["kind"], buckets=[2**i for i in range(4, 18)], registry=self.registry,
         )
+        self.weight_pushes = Counter(
+            "potstill_weight_pushes", "Weight pushes, by outcome (loaded or refused).", ["outcome"], registry=self.registry
+        )
+        self.model_version = Gauge("potstill_model_version", "Version of the weights served now.", registry=self.registry)
 
     def observe_pass(self, kind: str, sequences: int, tokens: int) -> None:
         """One forward pass (or, for generate, one decoding loop) over `sequences` rows of `tokens` in all."""
         self.pass_sequences.labels(kind).observe(sequences)
         self.pass_tokens.labels(kind).observe(tokens)
-
-        self.weight_pushes = Counter(
-            "potstill_weight_pushes", "Weight pushes, by outcome (loaded or refused).", ["outcome"], registry=self.registry
-        )
-        self.model_version = Gauge("potstill_model_version", "Version of the weights served now.", registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
