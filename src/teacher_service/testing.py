@@ -1,8 +1,8 @@
-"""Teacher services to test and measure against: real servers on free loopback ports.
+"""Teacher services on free loopback ports: real servers, for tests, benchmarks and the trainer's self-teacher.
 
 `BackgroundTeacher` runs the HTTP and gRPC servers in a thread of the calling process (tests,
 benchmarks); `TeacherProcess` runs `potstill serve` as a child process (the demo, benchmarks,
-tests of the process itself). Both stop what they started on every exit.
+a self-teacher the trainer serves, tests of the process itself). Both stop what they started on every exit.
 """
 
 from __future__ import annotations
@@ -76,12 +76,15 @@ class TeacherProcess:
     READY = "potstill teacher ready: "
 
     def __init__(
-        self, model: str, *extra_args: str, host: str = "127.0.0.1", threads: int | None = None, startup_timeout: float = 300.0
+        self, model: str, *extra_args: str, host: str = "127.0.0.1", threads: int | None = None, startup_timeout: float = 300.0,
+        env: dict[str, str] | None = None,
     ):
+        """env: variables added to the child's environment (settings such as POTSTILL_ADMIN_KEYS, kept off the command line)."""
         self.command = [sys.executable, "-m", "potstill.cli", "serve", "--model", model, "--host", host,
                         "--http-port", "0", "--grpc-port", "0", *extra_args]
         # torch reads its CPU thread count from OMP_NUM_THREADS at start.
-        self.environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        threads_env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        self.environment = {**os.environ, **threads_env, **(env or {})} if threads_env or env else None
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.http_url = self.grpc_url = ""

@@ -7,6 +7,8 @@
 - `scheduler.json`: the learning-rate schedule's position;
 - `rng-R.safetensors` + `rng-R.json`: process R's torch (CPU and CUDA), NumPy and Python random
   states, so a resumed run draws the same numbers;
+- the files of each extra part of the run's state (`TrainingState.parts`, such as a self-teacher's
+  EMA and served weights), in safetensors and JSON too;
 - `trainer_state.json`, written last: a folder without it was interrupted and is never resumed.
 Model, optimizer and scheduler are written by the main process (data-parallel ranks hold the same).
 """
@@ -16,9 +18,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +28,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_MARKER = "trainer_state.json"
+
+
+class CheckpointPart(Protocol):
+    """More state a run keeps in its checkpoints, in files of its own (safetensors and JSON)."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
 
 
 @dataclass
@@ -36,6 +46,7 @@ class TrainingState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any  # a torch LR scheduler
+    parts: list[CheckpointPart] = field(default_factory=list)  # saved by the main process, loaded by every one
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -62,6 +73,8 @@ def save_checkpoint(state: TrainingState, output: Path, step: int, keep: int = 2
             save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
             _save_optimizer(state.optimizer.state_dict(), directory)
             (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
+            for part in state.parts:
+                part.save(directory)
         _save_rng(directory, accelerator.process_index)
     except (OSError, RuntimeError) as error:  # safetensors and torch report a short write as RuntimeError
         shutil.rmtree(directory, ignore_errors=True)
@@ -87,6 +100,8 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
     state.optimizer.load_state_dict(_load_optimizer(directory))
     state.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     _load_rng(directory, state.accelerator.process_index)
+    for part in state.parts:
+        part.load(directory)
     step = json.loads((directory / CHECKPOINT_MARKER).read_text())["step"]
     if state.accelerator.is_main_process:
         print(f"resumed from step {step} ({directory})", flush=True)

@@ -20,6 +20,8 @@ Route = Literal["mixture", "tags", "verified", "confidence", "lowest-ce", "gate"
 Selection = Literal["all", "verifier", "majority", "confidence", "judge"]
 # The routes white-box distillation can apply (it mixes or picks teachers' distributions).
 WHITE_BOX_ROUTES = ("mixture", "tags", "lowest-ce")
+# `--teacher` words naming the student itself as a teacher (trainer_client.self_teacher).
+SELF_TEACHERS = ("self", "ema", "lagged")
 DEFAULT_JUDGE_RUBRICS = {"correctness": "Question: {prompt}\nProposed answer: {completion}\nIs the proposed answer correct?"}
 
 
@@ -31,7 +33,8 @@ class TrainConfig(BaseModel):
     teachers: list[str] = Field(
         default_factory=list,
         description="Teacher endpoints: grpc://, grpcs://, http(s)://, openai+http(s)://...; "
-        "append '#name=N&tags=a,b&weight=W' to name, tag or weight one.",
+        "append '#name=N&tags=a,b&weight=W' to name, tag or weight one. Or one self-teacher: self (the student "
+        "as it started, frozen), ema (an EMA of the student), lagged (a copy refreshed every teacher_push_interval steps).",
     )
     data: str = Field(description="Training rows with a prompt, optional completion and answer: a JSONL file, a Parquet "
                       "file, a directory saved by datasets' save_to_disk, or a hub dataset name.")
@@ -152,6 +155,18 @@ class TrainConfig(BaseModel):
         None, description="PEM certificates to trust for grpcs:// and https:// teachers (default: the system's roots).",
     )
 
+    # --- self-teachers (--teacher self|ema|lagged) ---
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA self-teacher: after every step ema = d * ema + (1 - d) * student.")
+    teacher_push_interval: int = Field(10, ge=1, description="Steps between weight pushes to an ema or lagged self-teacher "
+                                       "(each push is served as model version step + 1).")
+    teacher_push: Literal["stream", "path"] = Field(
+        "stream", description="How a push travels: streamed safetensors bytes, or a file under --output whose path the teacher "
+        "reads (it must see the same filesystem).",
+    )
+    self_teacher_url: str | None = Field(None, description="A running teacher service (grpc(s):// or http(s)://) to serve the "
+                                         "self-teacher, its weights replaced by pushes; default: the trainer starts one on loopback.")
+    admin_key_file: str | None = Field(None, description="File with the admin key of --self-teacher-url, sent with weight pushes.")
+
     # --- teachers from disk (`potstill collect` makes the cache) ---
     teacher_cache: str | None = Field(None, description="Teacher cache directory written by `potstill collect`: teacher "
                                       "answers are read from it instead of asking the --teacher endpoints.")
@@ -160,7 +175,8 @@ class TrainConfig(BaseModel):
     cache_miss: Literal["error", "live"] = Field("error", description="A request the cache cannot answer: stop with an "
                                                  "error, or ask the live --teacher endpoints (live).")
 
-    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_ca_file", "teacher_cache", "record_teacher_cache")
+    @field_validator("student", "data", "eval_data", "output", "api_key_file", "teacher_ca_file", "teacher_cache", "record_teacher_cache",
+                     "admin_key_file")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         # A hub id ("org/model") has no "~" and passes through unchanged.
@@ -204,7 +220,21 @@ class TrainConfig(BaseModel):
             raise ValueError(f"logit-kd routes by {', '.join(WHITE_BOX_ROUTES)}; route {self.route!r} needs teacher samples")
         if self.adversarial_weight and self.method != "multi-sample":
             raise ValueError("adversarial_weight applies to method multi-sample")
+        self._check_self_teacher()
         return self
+
+    def _check_self_teacher(self) -> None:
+        named = [spec for spec in self.teachers if spec in SELF_TEACHERS]
+        if len(named) > 1:
+            raise ValueError(f"one self-teacher per run; --teacher names {', '.join(named)}")
+        if self.self_teacher_url and not named:
+            raise ValueError("self_teacher_url serves a self-teacher: add --teacher self, ema or lagged")
+        if not named:
+            return
+        if self.lora_r:
+            raise ValueError(f"--teacher {named[0]} pushes the student's full weights; it does not support LoRA students (lora_r)")
+        if self.teacher_cache or self.record_teacher_cache:
+            raise ValueError(f"--teacher {named[0]} changes while the run trains: it cannot be read from or recorded into a teacher cache")
 
     @property
     def live_teachers(self) -> bool:

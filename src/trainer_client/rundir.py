@@ -23,7 +23,7 @@ from potstill.usage import UsageError
 from trainer_client.checkpoints import CHECKPOINT_MARKER
 
 LOCK_FILE = ".potstill.lock"
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final")  # what a previous run leaves behind
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "self_teacher")  # what a previous run leaves behind
 
 
 STOP_NOTE = "potstill: "  # how the note a stopped run adds to its error begins

@@ -2,8 +2,9 @@
 
 Teacher requests for the next `prefetch` micro-batches run on a background event loop while
 the optimizer works on the current one; the time the optimizer still waits is logged as
-`teacher_wait_s`. A checkpoint holds the model, optimizer, scheduler and RNG states and the
-step; data order and teacher sampling seeds are functions of the step, so `--resume`
+`teacher_wait_s`. With a self-teacher (`--teacher self|ema|lagged`, `self_teacher`) the run
+serves its own student, pushing new weights to it between steps. A checkpoint holds the model,
+optimizer, scheduler and RNG states (and a self-teacher's weights) and the step; data order and teacher sampling seeds are functions of the step, so `--resume`
 continues exactly where the run stopped. Whatever stops a run (teachers unreachable longer than
 `teacher_max_wait`, a bug, a full disk), it checkpoints the steps it completed first, and the
 command line says in one line how to continue (`--resume`).
@@ -21,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ from trainer_client.progress import RunProgress
 from trainer_client.report import write_report
 from trainer_client.rundir import locked, note_stop, prepare, stop_note
 from trainer_client.samples import Example, StudentTokens
+from trainer_client.self_teacher import SelfTeacher, self_teacher_kind
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
 from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
@@ -91,7 +94,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         data = load_training_rows(config)
         eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
-        runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size)) if config.teachers or config.teacher_cache else None
+        self_teacher = cleanup.enter_context(start_self_teacher(config, accelerator, model, tokenizer, output)) if self_teacher_kind(config) else None
+        runner = cleanup.enter_context(teacher_source(config, tokenizer, vocab_size, self_teacher)) if config.teachers or config.teacher_cache else None
+        if self_teacher:
+            self_teacher.attach(runner)
         student = StudentView(transformer_model(model), tokens)
         if runner:
             traffic = output / ("teacher_traffic.json" if accelerator.is_main_process else f"teacher_traffic.rank{accelerator.process_index}.json")
@@ -101,7 +107,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
         model, optimizer = accelerator.prepare(model, optimizer)
-        state = TrainingState(accelerator, model, optimizer, scheduler)
+        state = TrainingState(accelerator, model, optimizer, scheduler, parts=[self_teacher] if self_teacher else [])
         start_step = resume_from_checkpoint(state, output) if config.resume else 0
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
                              accelerator=accelerator)
@@ -125,7 +131,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             rows = None if config.data_streaming else len(data)
             cleanup.callback(lambda: record_run(Path(config.record_teacher_cache), runner.pool, request_settings(config, tokens.fingerprint),
                                                 {"train": {"source": config.data, "rows": rows}}, (start_step, completed)))
-        prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student)))
+        horizon = self_teacher.prefetch_horizon if self_teacher else None
+        prefetcher = cleanup.enter_context(contextlib.closing(Prefetcher(method, data, config, accelerator, runner, student, horizon)))
         waited = stepped = 0.0
         final_eval: dict[str, float] = {}
         try:
@@ -134,6 +141,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                     started = time.perf_counter()
                     losses, wait = train_step(model, optimizer, scheduler, accelerator, prefetcher, method, step, config)
                     completed = step + 1
+                    if self_teacher:
+                        self_teacher.after_step(completed)
                     waited, stepped = waited + wait, stepped + time.perf_counter() - started
                     if completed % config.log_every == 0 or completed == config.steps:
                         metrics.write({"step": completed, **losses, **method.stats.drain(), "lr": scheduler.get_last_lr()[0],
@@ -220,12 +229,18 @@ def _checkpoint_before_stopping(state: TrainingState, output: Path, completed: i
         note_stop(error, output, completed, save_error)
 
 
-def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
+def start_self_teacher(config: TrainConfig, accelerator, model, tokenizer, output: Path) -> SelfTeacher:
+    if accelerator.num_processes > 1:
+        raise ValueError(f"--teacher {self_teacher_kind(config)} serves a single-process run; launch it without torchrun")
+    return SelfTeacher.start(config, transformer_model(model), tokenizer, output, str(accelerator.device))
+
+
+def teacher_source(config: TrainConfig, tokenizer, vocab_size: int, self_teacher: SelfTeacher | None = None) -> PoolRunner:
     """Where the run's teacher answers come from, on a background event loop (`runner.pool`): the live
     teachers, or with `--teacher-cache` the cache (checked against the run), falling back to the live
     teachers for what it lacks with `--cache-miss live`."""
     if not config.teacher_cache:
-        runner = connect_teachers(config, tokenizer, vocab_size)
+        runner = connect_teachers(config, tokenizer, vocab_size, self_teacher)
         if config.record_teacher_cache:
             runner.pool = RecordingSource(runner.pool)
         return runner
@@ -242,11 +257,13 @@ def teacher_source(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunne
     return runner
 
 
-def connect_teachers(config: TrainConfig, tokenizer, vocab_size: int) -> PoolRunner:
-    """Reach every teacher and judge; white-box methods refuse a teacher whose tokenizer differs from the student's."""
+def connect_teachers(config: TrainConfig, tokenizer, vocab_size: int, self_teacher: SelfTeacher | None = None) -> PoolRunner:
+    """Reach every teacher and judge (a self-teacher at its service); white-box methods refuse a teacher whose
+    tokenizer differs from the student's."""
     api_key = Path(config.api_key_file).read_text().strip() if config.api_key_file else None
+    teachers = [self_teacher.spec if self_teacher and spec == self_teacher.kind else spec for spec in config.teachers]
     return PoolRunner.connect(
-        [*config.teachers, *(judge_spec(url, index) for index, url in enumerate(config.judges))],
+        [*teachers, *(judge_spec(url, index) for index, url in enumerate(config.judges))],
         api_key=api_key,
         ca_file=config.teacher_ca_file,
         timeout=config.teacher_timeout,
@@ -328,10 +345,13 @@ class Prefetcher:
     `annotate` on the teachers' event loop. A method without a rollout has its next `prefetch`
     micro-batches annotated ahead while the optimizer works; one with a rollout starts a step's
     micro-batches when the step starts (all of them, so their teacher calls overlap), with the
-    student's weights of that step. `get` blocks only on teachers that have not answered yet."""
+    student's weights of that step. `get` blocks only on teachers that have not answered yet, and
+    nothing is started at or past `horizon(micro)` (where a self-teacher's next weights begin)."""
 
-    def __init__(self, method: Method, data: Dataset | StreamedRows, config: TrainConfig, accelerator, runner: PoolRunner | None, student: StudentView):
+    def __init__(self, method: Method, data: Dataset | StreamedRows, config: TrainConfig, accelerator, runner: PoolRunner | None,
+                 student: StudentView, horizon: Callable[[int], int] | None = None):
         self.method, self.data, self.config, self.runner, self.student = method, data, config, runner, student
+        self.horizon = horizon or (lambda micro: sys.maxsize)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.pending: dict[int, Future] = {}
 
@@ -350,7 +370,7 @@ class Prefetcher:
             step_start = micro - micro % self.config.grad_accum
             ahead = range(micro, step_start + self.config.grad_accum)
         else:
-            ahead = range(micro, micro + self.config.prefetch + 1)
+            ahead = range(micro, min(micro + self.config.prefetch + 1, self.horizon(micro)))
         for later in ahead:
             self._submit(later)
         started = time.perf_counter()
@@ -388,7 +408,9 @@ def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None)
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--teacher", dest="teachers", action="append", metavar="URL",
                         help="teacher endpoint (repeatable): grpc://h:p, http://h:p, openai+http://h:p/v1; "
-                        "'#name=N&tags=a,b&weight=W' names, tags or weights it (default: none; needed by every method but sft)")
+                        "'#name=N&tags=a,b&weight=W' names, tags or weights it; or a self-teacher: self (the initial student, frozen), "
+                        "ema (an EMA of the student, see --ema-decay) or lagged (a copy refreshed every --teacher-push-interval steps), "
+                        "served on loopback or at --self-teacher-url (default: none; needed by every method but sft)")
     parser.add_argument("--judge", dest="judges", action="append", metavar="URL",
                         help="judge endpoint (repeatable; any teacher service), for --select judge (default: none)")
     parser.add_argument("--judge-rubric", dest="judge_rubrics", action="append", metavar="NAME=TEMPLATE", type=_rubric,

@@ -1,6 +1,6 @@
 """Pushing new weights to a teacher service: its admin endpoint over HTTP or its admin RPC over gRPC.
 
-    pusher = WeightPusher("grpc://127.0.0.1:50051", admin_key)
+    pusher = WeightPusher("grpc://127.0.0.1:50051", admin_key)   # nothing to close: a connection per push
     version = await pusher.push_tensors(model_state, model_version=11)   # streamed safetensors
     version = await pusher.push_path("/shared/run/step-10")              # a path the teacher can read
 
@@ -38,7 +38,6 @@ class WeightPusher:
         self.timeout = timeout
         self._grpc = urlsplit(url).scheme in ("grpc", "grpcs")
         self._authorization = f"Bearer {admin_key}"
-        self._channel: grpc.aio.Channel | None = None
 
     async def push_tensors(self, tensors: dict[str, torch.Tensor], model_version: int | None = None) -> int:
         """Stream `tensors` as one safetensors file; returns the version the teacher now serves."""
@@ -68,18 +67,13 @@ class WeightPusher:
         return int(response.json()["model_version"])
 
     async def _load(self, messages: list[pb.LoadWeightsRequest]) -> int:
-        if self._channel is None:
-            target = urlsplit(self.url).netloc
-            credentials = grpc.ssl_channel_credentials() if self.url.startswith("grpcs") else None
-            self._channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
-        admin = teacher_pb2_grpc.TeacherAdminStub(self._channel)
-        try:
-            answer = await admin.LoadWeights(iter(messages), timeout=self.timeout, metadata=(("authorization", self._authorization),))
-        except grpc.aio.AioRpcError as error:
-            raise _grpc_error(self.url, error) from None
+        # A channel per push: pushes are rare, and nothing is left open between them.
+        target = urlsplit(self.url).netloc
+        tls = self.url.startswith("grpcs")
+        async with (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials()) if tls else grpc.aio.insecure_channel(target)) as channel:
+            admin = teacher_pb2_grpc.TeacherAdminStub(channel)
+            try:
+                answer = await admin.LoadWeights(iter(messages), timeout=self.timeout, metadata=(("authorization", self._authorization),))
+            except grpc.aio.AioRpcError as error:
+                raise _grpc_error(self.url, error) from None
         return answer.model_version
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None

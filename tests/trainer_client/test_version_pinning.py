@@ -49,7 +49,6 @@ def test_a_pinned_pool_refuses_answers_on_other_weights_until_pinned_again(admin
         runner.pool.pin_version("t", None)  # unpinned: any version is taken, and noted
         assert runner.generate("t", {"prompts": [[5, 6]], "max_tokens": 2}).result().results[0].model_version == 30
         assert runner.pool.versions() == {"t": 30}
-        runner.run(pusher.close())
 
 
 def test_a_push_with_the_wrong_admin_key_is_a_request_error(admin_teacher, other_weights):
@@ -58,4 +57,4 @@ def test_a_push_with_the_wrong_admin_key_is_a_request_error(admin_teacher, other
             pusher = WeightPusher(url, "wrong")
             with pytest.raises(TeacherRequestError, match="admin key"):
                 runner.run(pusher.push_tensors(other_weights))
-            runner.run(pusher.close())
+    
