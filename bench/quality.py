@@ -85,6 +85,8 @@ WORLDS: dict[str, World] = {
         "multi-sample x2 each, majority (30% + 50%)": {**MULTI, "samples_per_prompt": 2, "select": "majority"},
         "multi-sample x4, judge, no verifier (30%)": {**MULTI, "select": "judge", "use": ["noisy"]},
         "multi-sample x4, confidence (30%)": {**MULTI, "select": "confidence", "use": ["noisy"]},
+        "multi-sample x4, verifier + adversarial 0.1 (30%)": {**MULTI, "select": "verifier", "adversarial_weight": 0.1,
+                                                              "use": ["noisy"]},
     }, judge="judge", reference="noisy"),
     "specialists": World({"add": ("add-only", "add"), "sub": ("sub-only", "sub")}, {
         "seq-kd, add-only teacher": {**SEQ_KD, "use": ["add"]},
