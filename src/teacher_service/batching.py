@@ -42,6 +42,7 @@ class Batcher(Generic[Item, Result]):
         self._settings = settings
         self._executor = executor
         self._waiting: deque[tuple[Item, asyncio.Future]] = deque()
+        self._running: list[asyncio.Future] = []  # the futures of the pass under way
         self._worker: asyncio.Task | None = None
 
     async def submit(self, items: list[Item]) -> list[Result]:
@@ -56,9 +57,14 @@ class Batcher(Generic[Item, Result]):
         return list(await asyncio.gather(*futures))
 
     def abandon_waiting(self, error: Exception) -> None:
-        """Fail every item not yet taken into a pass with `error` (passes under way finish)."""
-        while self._waiting:
-            _, future = self._waiting.popleft()
+        """Fail every item not yet answered with `error`, those of the pass under way included: that
+        pass runs on (a thread cannot be interrupted) but its results are dropped, so a shutdown
+        ends on time however long the pass takes."""
+        abandoned = [future for _, future in self._waiting] + self._running
+        self._waiting.clear()
+        if self._worker is not None:
+            self._worker.cancel()  # it would only wait for the dropped pass
+        for future in abandoned:
             if not future.done():
                 future.set_exception(error)
 
@@ -85,6 +91,7 @@ class Batcher(Generic[Item, Result]):
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         items = [item for item, _ in batch]
+        self._running = [future for _, future in batch]
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, items)
         except Exception as error:  # every caller in the pass learns why it failed
@@ -92,6 +99,8 @@ class Batcher(Generic[Item, Result]):
                 if not future.done():
                     future.set_exception(error)
             return
+        finally:
+            self._running = []
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)

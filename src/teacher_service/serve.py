@@ -3,9 +3,9 @@
 Both servers start listening before the model loads (so /health/ready answers 503 and the gRPC
 health service NOT_SERVING meanwhile; /health/live answers 200 throughout). SIGTERM or SIGINT
 turns readiness false at once, keeps answering for `drain_delay_seconds`, then stops accepting
-new requests and lets the ones in flight finish within the grace period. Requests still waiting
-for the model when it ends are answered 503 / UNAVAILABLE (clients retry them elsewhere); the
-batch on the model finishes (so exit can follow grace by one batch), then the process exits.
+new requests and lets the ones in flight finish within the grace period. Requests not answered
+when it ends, those on the model included, are answered 503 / UNAVAILABLE (clients retry them
+elsewhere) and the process exits without waiting for the pass under way.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from teacher_service.http_server import build_app
 from teacher_service.service import ServiceSettings, TeacherService
 
 log = logging.getLogger("potstill.serve")
-# After the grace period: time for the 503s of abandoned requests (and the batch on the model) to go out.
+# After the grace period: time for the 503s of abandoned requests to go out.
 SHUTDOWN_ANSWER_SECONDS = 1.0
 
 
@@ -77,7 +77,7 @@ class TeacherServer:
         )
         config = uvicorn.Config(
             app, log_level="warning", lifespan="off", limit_concurrency=options.max_connections,
-            # Past grace, queued requests are answered 503 by `stop`; this bounds the batch on the model.
+            # Past grace, unanswered requests are answered 503 by `stop`, within this second.
             timeout_graceful_shutdown=options.grace_seconds + SHUTDOWN_ANSWER_SECONDS,
             ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key,
         )

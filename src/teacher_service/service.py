@@ -129,11 +129,11 @@ class TeacherService:
         self._draining = True
 
     def abandon_queued(self) -> None:
-        """Answer every request still waiting for the model with `BackendUnavailable` (503 /
-        UNAVAILABLE, which clients retry elsewhere); the batch on the model finishes."""
+        """Answer every request not yet answered with `BackendUnavailable` (503 / UNAVAILABLE,
+        which clients retry elsewhere), those on the model now included."""
         if self._backend is not None:
             self._backend.abandon_waiting(
-                BackendUnavailable("the teacher shut down before this request reached the model; retry")
+                BackendUnavailable("the teacher shut down before this request was answered; retry")
             )
 
     def close(self) -> None:

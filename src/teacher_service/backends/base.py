@@ -103,7 +103,8 @@ class Backend(Protocol):
         may report none)."""
 
     def abandon_waiting(self, error: Exception) -> None:
-        """Fail every call still waiting for the model with `error`; work under way finishes."""
+        """Fail every call not yet answered with `error`, including those on the model now (their
+        results are dropped), so that a shutdown ends within its grace period."""
 
     def close(self) -> None:
-        """Stop the backend's workers; calls in flight finish first."""
+        """Stop the backend's workers, without waiting for a pass whose calls were abandoned."""

@@ -134,7 +134,8 @@ class HFBackend:
         self._generate_batcher.abandon_waiting(error)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # A pass still running after `abandon_waiting` has no one to answer: do not wait for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- weights ---
 
