@@ -10,6 +10,7 @@ own samples (`Example.own`):
 - the student's term is mean_S -log sigmoid(D(h_S)), through h_S: the student is pushed to
   represent its own completions the way it represents the teachers'.
 Logged: `adversarial/discriminator_accuracy` (D's accuracy on T and on S, averaged: 0.5 is chance).
+D and its optimizer are kept in checkpoints (side_model.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer_client.side_model import SideModel
 from trainer_client.student_loss import Batch
 
 DISCRIMINATOR_LR = 1e-2
@@ -28,11 +30,14 @@ def pooled_completions(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (hidden[:, :-1] * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def _discriminator(width: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+
+
 class AdversarialTerm:
     def __init__(self, stats):
         self.stats = stats
-        self.discriminator: torch.nn.Module | None = None  # built on first use, when H is known
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.model = SideModel("discriminator", _discriminator, DISCRIMINATOR_LR)
 
     def __call__(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The student's non-saturating term (scalar, 0 when the batch lacks either kind of sample)."""
@@ -41,19 +46,14 @@ class AdversarialTerm:
         teacher, own = pooled[counted & ~batch.own], pooled[batch.own]
         if not len(teacher) or not len(own):
             return hidden.new_zeros(())
-        if self.discriminator is None:
-            size = pooled.shape[1]
-            self.discriminator = torch.nn.Sequential(torch.nn.Linear(size, size), torch.nn.ReLU(), torch.nn.Linear(size, 1)).to(pooled.device)
-            self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=DISCRIMINATOR_LR)
-        self._train_discriminator(teacher.detach(), own.detach())
-        return F.softplus(-self.discriminator(own)).mean()  # -log sigmoid(D(h_S))
+        discriminator = self.model.ready(pooled.shape[1], pooled.device)
+        self._train_discriminator(discriminator, teacher.detach(), own.detach())
+        return F.softplus(-discriminator(own)).mean()  # -log sigmoid(D(h_S))
 
-    def _train_discriminator(self, teacher: torch.Tensor, own: torch.Tensor) -> None:
+    def _train_discriminator(self, discriminator: torch.nn.Module, teacher: torch.Tensor, own: torch.Tensor) -> None:
         with torch.enable_grad():
-            real, fake = self.discriminator(teacher)[:, 0], self.discriminator(own)[:, 0]
+            real, fake = discriminator(teacher)[:, 0], discriminator(own)[:, 0]
             loss = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+            self.model.step(loss)
         # Balanced: the mean of its accuracy on each kind (the kinds are rarely equally many).
         self.stats.add("adversarial/discriminator_accuracy", ((real > 0).float().mean() + (fake <= 0).float().mean()).item() / 2)

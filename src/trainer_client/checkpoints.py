@@ -71,7 +71,7 @@ def save_checkpoint(state: TrainingState, output: Path, step: int, keep: int = 2
         directory.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
-            _save_optimizer(state.optimizer.state_dict(), directory)
+            save_optimizer_state(state.optimizer.state_dict(), directory)
             (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
             for part in state.parts:
                 part.save(directory)
@@ -97,7 +97,7 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
         return 0
     directory = found[-1]
     load_model(state.accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
-    state.optimizer.load_state_dict(_load_optimizer(directory))
+    state.optimizer.load_state_dict(load_optimizer_state(directory))
     state.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     _load_rng(directory, state.accelerator.process_index)
     for part in state.parts:
@@ -111,26 +111,27 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
 # --- optimizer: tensors apart from the rest ---
 
 
-def _save_optimizer(state_dict: dict, directory: Path) -> None:
+def save_optimizer_state(state_dict: dict, directory: Path, name: str = "optimizer") -> None:
+    """An optimizer's `state_dict` as `name.safetensors` (its tensors) and `name.json` (the rest)."""
     tensors, scalars = {}, {}
     for parameter, values in state_dict["state"].items():
-        for name, value in values.items():
+        for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{parameter}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{parameter}.{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{parameter}.{name}"] = value
-    save_file(tensors, str(directory / "optimizer.safetensors"))
+                scalars[f"{parameter}.{key}"] = value
+    save_file(tensors, str(directory / f"{name}.safetensors"))
     layout = {"param_groups": state_dict["param_groups"], "scalars": scalars}
-    (directory / "optimizer.json").write_text(json.dumps(layout))
+    (directory / f"{name}.json").write_text(json.dumps(layout))
 
 
-def _load_optimizer(directory: Path) -> dict:
-    layout = json.loads((directory / "optimizer.json").read_text())
+def load_optimizer_state(directory: Path, name: str = "optimizer") -> dict:
+    layout = json.loads((directory / f"{name}.json").read_text())
     state: dict[int, dict[str, Any]] = {}
-    entries = {**load_file(str(directory / "optimizer.safetensors")), **layout["scalars"]}
+    entries = {**load_file(str(directory / f"{name}.safetensors")), **layout["scalars"]}
     for key, value in entries.items():
-        parameter, name = key.split(".", 1)
-        state.setdefault(int(parameter), {})[name] = value
+        parameter, entry = key.split(".", 1)
+        state.setdefault(int(parameter), {})[entry] = value
     return {"state": state, "param_groups": layout["param_groups"]}
 
 

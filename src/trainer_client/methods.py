@@ -37,6 +37,7 @@ from trainer_client.judges import JUDGE_TAG
 from trainer_client.routing import Router
 from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.selection import Selector
+from trainer_client.side_model import SideModel
 from trainer_client.source import TeacherSource
 from trainer_client.student import StudentView
 from trainer_client.student_loss import Batch, final_hidden_states, weighted_loss_sum, weighted_loss_sum_from_hidden
@@ -78,6 +79,10 @@ class Method:
         teachers = [g for g in source.groups() if JUDGE_TAG not in g.tags] if source else []
         self.router = Router(config, tokens, source, teachers) if teachers else None
         self.selector = Selector(config, tokens, source, self.stats)
+
+    def checkpoint_parts(self) -> list[SideModel]:
+        """The models this method trains beside the student, which checkpoints keep."""
+        return [self.router.gate.model] if self.router and self.router.gate else []
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
         """What the student proposes for `rows` (training thread); nothing by default."""
@@ -124,6 +129,9 @@ class SampledTargets(Method):
         super().__init__(config, tokens, source)
         self.adversarial = AdversarialTerm(self.stats) if config.adversarial_weight > 0 else None
         self.uses_student = self.adversarial is not None
+
+    def checkpoint_parts(self) -> list[SideModel]:
+        return super().checkpoint_parts() + ([self.adversarial.model] if self.adversarial else [])
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
         if not self.adversarial:

@@ -11,7 +11,7 @@ exp(mean token log-prob)). The gate minimises
 
 (expected reward, plus the Switch Transformer load-balancing term: f_j the share of prompts
 routed to j, P_j the mean of π_j), one Adam step per micro-batch; the prompt is routed to
-argmax π. The gate's weights are not part of checkpoints: after `--resume` it learns again.
+argmax π. The gate and its optimizer are kept in checkpoints (side_model.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from trainer_client.config import TrainConfig
 from trainer_client.samples import PromptGroup
+from trainer_client.side_model import SideModel
 from trainer_client.verifiers import get_verifier
 
 
@@ -29,22 +30,17 @@ class Gate:
         self.names = teacher_names
         self.config = config
         self.verify = get_verifier(config.verifier) if config.verifier else None
-        self.layer: torch.nn.Linear | None = None  # built on first use, when the feature size is known
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.model = SideModel("gate", lambda width: torch.nn.Linear(width, len(teacher_names)), config.gate_lr)
 
     def choose(self, groups: list[PromptGroup], student) -> list[str]:
         features = student.prompt_features([g.prompt_ids for g in groups]).float()  # [B, H]
-        if self.layer is None:
-            self.layer = torch.nn.Linear(features.shape[1], len(self.names)).to(features.device)
-            self.optimizer = torch.optim.Adam(self.layer.parameters(), lr=self.config.gate_lr)
-        probabilities = torch.softmax(self.layer(features), dim=-1)  # [B, n]
+        layer = self.model.ready(features.shape[1], features.device)
+        probabilities = torch.softmax(layer(features), dim=-1)  # [B, n]
         rewards = torch.tensor([self._rewards(g) for g in groups], dtype=probabilities.dtype, device=probabilities.device)
         routed = probabilities.argmax(-1)  # [B]
         share = torch.bincount(routed, minlength=len(self.names)).to(probabilities.dtype) / len(groups)  # f_j
         loss = -(probabilities * rewards).sum(-1).mean() + self.config.gate_balance * len(self.names) * (share * probabilities.mean(0)).sum()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        self.model.step(loss)
         return [self.names[i] for i in routed.tolist()]
 
     def _rewards(self, group: PromptGroup) -> list[float]:

@@ -107,7 +107,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
         model, optimizer = accelerator.prepare(model, optimizer)
-        state = TrainingState(accelerator, model, optimizer, scheduler, parts=[self_teacher] if self_teacher else [])
+        state = TrainingState(accelerator, model, optimizer, scheduler, parts=[*([self_teacher] if self_teacher else []), *method.checkpoint_parts()])
         start_step = resume_from_checkpoint(state, output) if config.resume else 0
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
                              accelerator=accelerator)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
@@ -240,3 +242,22 @@ def test_the_gate_learns_to_route_each_kind_of_prompt_to_the_teacher_that_verifi
     for _ in range(100):
         chosen = gate.choose([group(0), group(1)] * 4, features)
     assert chosen == ["adder", "subtracter"] * 4
+
+
+def test_gate_and_discriminator_resume_where_they_were(tmp_path, student, rows, teachers):
+    """A run resumed from its step-2 checkpoint ends with the weights of the run that never stopped:
+    the gate and the discriminator (and their optimizers) come back from the checkpoint."""
+    settings = dict(method="multi-sample", samples_per_prompt=2, sample_temperature=1.0, route="gate", adversarial_weight=0.5,
+                    steps=4, save_every=2, schedule="constant")
+    pool = [_tagged(teachers["a"], "a"), _tagged(teachers["b"], "b")]
+    _train(tmp_path / "straight", student, rows, pool, **settings)
+    run = tmp_path / "straight" / "run"
+    expected = load_file(run / "final" / "model.safetensors")
+    checkpoint = run / "checkpoints" / "step-00000002"
+    assert {"gate.safetensors", "gate-optimizer.safetensors", "discriminator.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # the end is saved as final/
+    shutil.rmtree(run / "final")
+    _train(tmp_path / "straight", student, rows, pool, **settings, resume=True)
+    actual = load_file(run / "final" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
