@@ -334,7 +334,7 @@ class GenerateResult:
 class WeightsLoaded:
     model_version: int  # now served
     tensors: int
-    seconds: float  # from the push's arrival to the new weights serving
+    seconds: float  # after the upload: reading, checking, waiting for requests in flight, swapping
 
     def to_json(self) -> dict:
         return {"model_version": self.model_version, "tensors": self.tensors, "seconds": self.seconds}

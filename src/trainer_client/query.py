@@ -159,13 +159,15 @@ def _print_info(console: Console, args, info: ModelInfo, answer, tokenizer) -> N
     console.print(table)
 
 
-_MAY_BE_UNKNOWN = {"tokenizer_fingerprint", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "max_new_tokens", "max_batch"}
+_MAY_BE_UNKNOWN = {"tokenizer_fingerprint", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "max_new_tokens", "max_batch",
+                   "model_version"}
 
 
 def _print_score(console: Console, args, info: ModelInfo, answer: ScoreResponse, tokenizer) -> None:
     result = answer.results[0]
     total = float(result.token_logprobs.sum())
-    title = f"{info.model}: {len(result.token_ids)} completion tokens after {result.prompt_tokens} prompt tokens"
+    title = (f"{info.model} (model version {result.model_version}): {len(result.token_ids)} completion tokens after "
+             f"{result.prompt_tokens} prompt tokens")
     console.print(_positions(title, result, tokenizer))
     console.print(f"sum of log-probs {total:.3f}, mean {total / max(len(result.token_ids), 1):.3f}")
 

@@ -149,6 +149,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                                        "teacher_wait_s": wait, "step_s": time.perf_counter() - started,
                                        "teacher_wait_fraction": waited / stepped})
                     if evaluator and (completed % config.eval_every == 0 or completed == config.steps):
+                        if self_teacher and evaluator.teacher_versions.get(self_teacher.kind) != self_teacher.version:
+                            evaluator = build_evaluator(config, eval_rows, tokens, runner, method)  # the teacher served now
                         final_eval = evaluator(accelerator.unwrap_model(model))
                         metrics.write({"step": completed, **final_eval})
                     if completed % config.save_every == 0 and completed < config.steps:
