@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from potstill.flags import env_name
 from potstill.logs import LogFormat
 from potstill.usage import UsageError
 from teacher_service.auth import parse_keys, require_usable_keys
@@ -86,12 +87,12 @@ class ServeOptions(BaseModel):
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
-    def _split_keys(cls, keys: object) -> object:
+    def _split_keys(cls, keys: object, info: ValidationInfo) -> object:
         if not isinstance(keys, str):
             return keys
         parsed = parse_keys(keys)
-        if not parsed:  # POTSTILL_API_KEYS set but blank: a mistake, never "no authentication"
-            raise ValueError("the API keys are empty: refusing to serve without authentication")
+        if not parsed:  # POTSTILL_API_KEYS (or _ADMIN_KEYS) set but blank: a mistake, never "no authentication"
+            raise ValueError(f"{env_name(info.field_name, ENV_PREFIX)} is empty: refusing to serve without authentication")
         return parsed
 
     @field_validator("api_keys", "admin_keys")

@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from teacher_service.backends.base import Backend, GenerateItem, SamplingParams, ScoreItem
@@ -201,7 +202,7 @@ class TeacherService:
             replace(r, samples=[s.with_logprobs_dtype(request.logprobs_dtype) for s in r.samples]) for r in results
         ])
 
-    async def load_weights(self, files: list, model_version: int | None, field: str) -> WeightsLoaded:
+    async def load_weights(self, files: list[Path], model_version: int | None, field: str) -> WeightsLoaded:
         """Serve the safetensors `files` as `model_version` (none: the current version + 1); a file
         that cannot be read is refused at `field`, a tensor that does not fit at `weights.<name>`.
         One push at a time; requests wait only for the swap itself."""

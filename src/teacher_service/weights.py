@@ -10,6 +10,7 @@ by any one of their names, as `save_pretrained` and `safetensors.torch.save_mode
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator
@@ -63,7 +64,7 @@ async def receive_into_file(chunks: AsyncIterator[bytes], limit: int) -> Path:
                 size += len(chunk)
                 if size > limit:
                     raise RequestTooLarge(f"the weights exceed the limit of {limit} bytes (max_weights_bytes)", field="body")
-                file.write(chunk)
+                await asyncio.to_thread(file.write, chunk)  # a slow disk must not hold the event loop
         except BaseException:
             Path(file.name).unlink(missing_ok=True)
             raise

@@ -54,7 +54,7 @@ class SelfTeacher:
         self.url = url
         self.directory = directory
         self.process = process
-        self.pusher = WeightPusher(url, admin_key, timeout=config.teacher_timeout)
+        self.pusher = WeightPusher(url, admin_key, timeout=config.teacher_timeout, ca_file=config.teacher_ca_file)
         self.runner: PoolRunner | None = None
         self.ema = self._weights(torch.float32) if kind == "ema" else None
         self.served: dict[str, torch.Tensor] | None = None  # the weights pushed last (None: the initial student)
@@ -110,8 +110,7 @@ class SelfTeacher:
         """The first micro-batch after `micro` that must wait for the next push (`sys.maxsize`: none)."""
         if self.kind == "self":
             return sys.maxsize
-        accumulation, interval = self.config.grad_accum, self.config.teacher_push_interval
-        return (micro // accumulation // interval + 1) * interval * accumulation
+        return next_push_micro(micro, self.config.grad_accum, self.config.teacher_push_interval)
 
     @property
     def version(self) -> int:
@@ -176,6 +175,12 @@ class SelfTeacher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def next_push_micro(micro: int, grad_accum: int, interval: int) -> int:
+    """The first micro-batch taught by the weights of the next push after `micro`'s step: pushes
+    follow steps c = k·interval, and step c is micro-batches [c·grad_accum, (c + 1)·grad_accum)."""
+    return (micro // grad_accum // interval + 1) * interval * grad_accum
 
 
 def _admin_key(config: TrainConfig) -> str:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import ssl
+from pathlib import Path
+
 import grpc
 import httpx
 import torch
@@ -33,9 +36,11 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 class WeightPusher:
     """The admin side of one teacher endpoint (http(s):// or grpc(s)://), with its admin key."""
 
-    def __init__(self, url: str, admin_key: str, timeout: float = 600.0):
+    def __init__(self, url: str, admin_key: str, timeout: float = 600.0, ca_file: str | None = None):
+        """ca_file: PEM roots for grpcs:// and https:// (default: the system's)."""
         self.url = url
         self.timeout = timeout
+        self.ca_file = ca_file
         self._grpc = urlsplit(url).scheme in ("grpc", "grpcs")
         self._authorization = f"Bearer {admin_key}"
 
@@ -57,7 +62,8 @@ class WeightPusher:
 
     async def _post(self, **request) -> int:
         headers = {"Authorization": self._authorization, **request.pop("headers", {})}
-        async with httpx.AsyncClient(base_url=self.url.rstrip("/"), timeout=self.timeout) as client:
+        verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        async with httpx.AsyncClient(base_url=self.url.rstrip("/"), timeout=self.timeout, verify=verify) as client:
             try:
                 response = await client.post("/admin/v1/weights", headers=headers, **request)
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
@@ -69,8 +75,12 @@ class WeightPusher:
     async def _load(self, messages: list[pb.LoadWeightsRequest]) -> int:
         # A channel per push: pushes are rare, and nothing is left open between them.
         target = urlsplit(self.url).netloc
-        tls = self.url.startswith("grpcs")
-        async with (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials()) if tls else grpc.aio.insecure_channel(target)) as channel:
+        if self.url.startswith("grpcs"):
+            roots = Path(self.ca_file).read_bytes() if self.ca_file else None
+            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+        else:
+            channel = grpc.aio.insecure_channel(target)
+        async with channel:
             admin = teacher_pb2_grpc.TeacherAdminStub(channel)
             try:
                 answer = await admin.LoadWeights(iter(messages), timeout=self.timeout, metadata=(("authorization", self._authorization),))

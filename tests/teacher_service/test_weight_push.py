@@ -21,7 +21,10 @@ from transformers import AutoModelForCausalLM
 from potstill.toy.models import build_tiny_model
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
+from potstill.cli import build_parser
+from potstill.flags import settings_values
 from teacher_service import wire
+from teacher_service.config import ENV_PREFIX, ServeOptions
 from teacher_service.errors import FIELD_METADATA
 
 from .conftest import PROTOBUF, grpc_target
@@ -233,3 +236,15 @@ def test_a_push_under_load_fails_no_request_and_every_result_names_its_weights(
     assert len({version for version, _, _ in results}) >= 2  # the load did span pushes
     for version, sequence, logprobs in results:
         np.testing.assert_allclose(logprobs, token_logprobs(references[served[version]], sequence), atol=1e-4)
+
+
+def test_admin_keys_come_from_their_own_file_or_variable_and_never_double_as_api_keys(tiny_model_dir, tmp_path):
+    key_file = tmp_path / "admin.keys"
+    key_file.write_text("# pushers\nfile-admin\n")
+    args = build_parser(["serve"]).parse_args(["serve", "--model", tiny_model_dir, "--admin-key-file", str(key_file)])
+    values = settings_values(args, ServeOptions, None, ENV_PREFIX, environ={"POTSTILL_ADMIN_KEYS": "env-admin"})
+    assert ServeOptions(**values).with_api_keys().admin_keys == ("env-admin", "file-admin")
+    with pytest.raises(ValueError, match="also an API key"):
+        ServeOptions(model=tiny_model_dir, api_keys=("same",), admin_keys=("same",))
+    with pytest.raises(ValueError, match="empty"):
+        ServeOptions(model=tiny_model_dir, admin_keys=" ")

@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from potstill.cli import build_parser
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from teacher_service.config import ServeOptions
 from teacher_service.testing import BackgroundTeacher
 from trainer_client.config import TrainConfig
+from trainer_client.self_teacher import next_push_micro
 from trainer_client.trainer import train
 
 ADMIN = "self-admin"
@@ -53,6 +55,8 @@ def test_an_ema_teacher_run_resumes_to_the_same_weights(student, data, tmp_path)
     expected = _final(straight.output)
     traffic = json.loads((straight.output / "teacher_traffic.json").read_text())
     assert [entry["model_version"] for entry in traffic.values()] == [7]  # pushed after steps 2, 4, 6
+    # No answer came on other weights than the pinned ones: prefetching never ran past a push.
+    assert [entry["failures"] for entry in traffic.values()] == [0]
     metrics = [json.loads(line) for line in (straight.output / "metrics.jsonl").read_text().splitlines()]
     # Each evaluation measures the KL to the teacher served at that step, and names its version.
     assert [(m["step"], m["eval/teacher_version/ema"]) for m in metrics if "eval/kl" in m] == [(0, 1), (8, 7)]
@@ -96,6 +100,12 @@ def test_a_self_teacher_at_a_given_url_serves_the_student_of_its_version(student
     torch.testing.assert_close(torch.tensor(scored["token_logprobs"]), expected, atol=1e-4, rtol=0)
 
 
+def test_prefetching_stops_where_the_next_pushed_weights_teach():
+    # Pushes every 3 steps of 2 micro-batches: steps 0-2 are micro-batches 0-5, taught by one version.
+    assert [next_push_micro(micro, 2, 3) for micro in (0, 5, 6, 11, 12)] == [6, 6, 12, 12, 18]
+    assert [next_push_micro(micro, 1, 1) for micro in (0, 1, 7)] == [1, 2, 8]
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"teachers": ["ema", "lagged"]}, "one self-teacher per run"),
     ({"teachers": ["ema"], "lora_r": 4}, "LoRA"),
@@ -105,3 +115,11 @@ def test_a_self_teacher_at_a_given_url_serves_the_student_of_its_version(student
 def test_self_teacher_settings_that_cannot_work_are_refused(student, data, tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         _config(student, data, tmp_path, **settings)
+
+
+def test_train_help_documents_the_self_teacher_settings():
+    command = build_parser(["train"])._subparsers._group_actions[0].choices["train"]
+    text = " ".join(command.format_help().split())
+    for flag in ("--ema-decay", "--teacher-push-interval", "--teacher-push {stream,path}", "--self-teacher-url", "--admin-key-file"):
+        assert flag in text
+    assert "self (the initial student, frozen), ema" in text and "(default: 0.99; range: >= 0, < 1)" in text
