@@ -8,6 +8,7 @@ shows up clearly within a few dozen CPU steps.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 
 import httpx
@@ -110,16 +111,23 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(models, data, replicas, tmp_path):
-    """2N steps == N steps, stop, --resume, N more (seq-kd with sampled teacher outputs: seeds must replay)."""
-    common = dict(method="seq-kd", teachers=[replicas[0].grpc_url], sample_temperature=1.0, eval_data=None, steps=12, save_every=6)
-    straight = train(_config(models, data, tmp_path / "a", **common), progress=False)
-    train(_config(models, data, tmp_path / "b", **{**common, "steps": 6}), progress=False)
-    resumed = train(_config(models, data, tmp_path / "b", **common, resume=True), progress=False)
-    expected, actual = _weights(straight.output), _weights(resumed.output)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(models, data, replicas, tmp_path, capsys):
+    """12 steps straight == the same run resumed from its step-6 checkpoint (seq-kd with sampled
+    teacher outputs: seeds must replay)."""
+    config = _config(models, data, tmp_path, method="seq-kd", teachers=[replicas[0].grpc_url], sample_temperature=1.0,
+                     eval_data=None, steps=12, save_every=6)
+    straight = train(config, progress=False)
+    expected = _weights(straight.output)
+    assert [p.name for p in (straight.output / "checkpoints").iterdir()] == ["step-00000006"]
+    shutil.rmtree(straight.output / "final")
+    capsys.readouterr()
+    resumed = train(config.model_copy(update={"resume": True}), progress=False)
+    assert "resumed from step 6" in capsys.readouterr().out
+    actual = _weights(resumed.output)
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(actual["model.norm.weight"], load_file(f"{models['student']}/model.safetensors")["model.norm.weight"])
     steps = [m["step"] for m in _metrics(resumed.output) if "loss" in m]
     assert steps == sorted(set(steps))  # no step logged twice
 
