@@ -10,7 +10,8 @@
 - the files of each extra part of the run's state (`TrainingState.parts`, such as a self-teacher's
   EMA and served weights), in safetensors and JSON too;
 - `trainer_state.json`, written last: a folder without it was interrupted and is never resumed.
-Model, optimizer and scheduler are written by the main process (data-parallel ranks hold the same).
+Model, optimizer and scheduler are written by the main process (data-parallel ranks hold the same;
+the shards of a `--sharding fsdp` run are gathered whole first, so its files are like any other run's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from trainer_client.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 
 CHECKPOINT_MARKER = "trainer_state.json"
 
@@ -69,9 +78,15 @@ def save_checkpoint(state: TrainingState, output: Path, step: int, keep: int = 2
     directory = output / "checkpoints" / f"step-{step:08d}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        sharded = _gathered_if_sharded(state)  # a collective: before the main process writes alone
         if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
-            save_optimizer_state(state.optimizer.state_dict(), directory)
+            if sharded:
+                weights, optimizer_state = sharded
+                save_file({name: tensor.clone() for name, tensor in weights.items()}, str(directory / "model.safetensors"))
+                save_optimizer_state(optimizer_state, directory)
+            else:
+                save_model(accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
+                save_optimizer_state(state.optimizer.state_dict(), directory)
             (directory / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()))
             for part in state.parts:
                 part.save(directory)
@@ -96,8 +111,12 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
         print(f"no checkpoint in {output}/checkpoints: starting from step 0")
         return 0
     directory = found[-1]
-    load_model(state.accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
-    state.optimizer.load_state_dict(load_optimizer_state(directory))
+    if is_sharded(state.model):
+        load_full_model_state(state.model, load_file(str(directory / "model.safetensors")))
+        load_full_optimizer_state(state.model, _inner(state.optimizer), load_optimizer_state(directory))
+    else:
+        load_model(state.accelerator.unwrap_model(state.model), str(directory / "model.safetensors"))
+        state.optimizer.load_state_dict(load_optimizer_state(directory))
     state.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     _load_rng(directory, state.accelerator.process_index)
     for part in state.parts:
@@ -109,6 +128,18 @@ def resume_from_checkpoint(state: TrainingState, output: Path) -> int:
 
 
 # --- optimizer: tensors apart from the rest ---
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _gathered_if_sharded(state: TrainingState) -> tuple[dict, dict] | None:
+    """A sharded model's full weights and optimizer state (every process takes part); None otherwise."""
+    if not is_sharded(state.model):
+        return None
+    return full_model_state(state.model), full_optimizer_state(state.model, _inner(state.optimizer))
 
 
 def save_optimizer_state(state_dict: dict, directory: Path, name: str = "optimizer") -> None:
@@ -127,11 +158,12 @@ def save_optimizer_state(state_dict: dict, directory: Path, name: str = "optimiz
 
 def load_optimizer_state(directory: Path, name: str = "optimizer") -> dict:
     layout = json.loads((directory / f"{name}.json").read_text())
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     entries = {**load_file(str(directory / f"{name}.safetensors")), **layout["scalars"]}
     for key, value in entries.items():
-        parameter, entry = key.split(".", 1)
-        state.setdefault(int(parameter), {})[entry] = value
+        # Keyed by parameter index, or by parameter name for a sharded model (names hold dots).
+        parameter, entry = key.rsplit(".", 1)
+        state.setdefault(int(parameter) if parameter.isdigit() else parameter, {})[entry] = value
     return {"state": state, "param_groups": layout["param_groups"]}
 
 

@@ -123,6 +123,10 @@ class TrainConfig(BaseModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more time.")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=f"Where the student trains: {DEVICE_HELP}.")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: shard the student's weights, gradients and optimizer state across the processes of a "
+        "torchrun launch (FSDP2); for methods without student rollouts (sft, seq-kd, logit-kd, multi-sample)."
+    )
 
     # --- LoRA adapters (peft) ---
     lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains every weight, more trains only adapters of this rank.")
@@ -221,7 +225,21 @@ class TrainConfig(BaseModel):
         if self.adversarial_weight and self.method != "multi-sample":
             raise ValueError("adversarial_weight applies to method multi-sample")
         self._check_self_teacher()
+        self._check_sharding()
         return self
+
+    def _check_sharding(self) -> None:
+        if self.sharding == "none":
+            return
+        # A sharded forward pass is a collective: every process must run the same passes, which
+        # student sampling (different lengths per process) does not.
+        rollouts = "method guided" if self.method == "guided" else "adversarial_weight" if self.adversarial_weight else None
+        if rollouts:
+            raise ValueError(f"sharding fsdp needs every process to run the same forward passes; {rollouts} samples from the student")
+        if self.lora_r:
+            raise ValueError("sharding fsdp shards full weights; LoRA students (lora_r) train few enough to use data parallelism")
+        if any(spec in SELF_TEACHERS for spec in self.teachers):
+            raise ValueError("sharding fsdp does not serve self-teachers (they push the student's whole weights)")
 
     def _check_self_teacher(self) -> None:
         named = [spec for spec in self.teachers if spec in SELF_TEACHERS]

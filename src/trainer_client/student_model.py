@@ -80,9 +80,12 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_student(model, tokenizer, directory: Path, merge_lora: bool) -> None:
-    """The model (or its adapter) and tokenizer under `directory`; with `merge_lora`, also `directory/merged`."""
-    model.save_pretrained(directory)
+def save_student(model, tokenizer, directory: Path, merge_lora: bool, weights: dict | None = None) -> None:
+    """The model (or its adapter) and tokenizer under `directory`; with `merge_lora`, also `directory/merged`.
+    `weights`: the full state of a sharded model (its own parameters hold only this process's shards)."""
+    if weights is not None:  # tied weights once, as save_pretrained writes them from the model itself
+        weights = {name: tensor for name, tensor in weights.items() if name not in getattr(model, "all_tied_weights_keys", {})}
+    model.save_pretrained(directory, state_dict=weights)
     tokenizer.save_pretrained(directory)
     if merge_lora and hasattr(model, "merge_and_unload"):
         merged = model.merge_and_unload()

@@ -58,6 +58,7 @@ from trainer_client.report import write_report
 from trainer_client.rundir import locked, note_stop, prepare, stop_note
 from trainer_client.samples import Example, StudentTokens
 from trainer_client.self_teacher import SelfTeacher, self_teacher_kind
+from trainer_client.sharding import full_model_state, is_sharded, shard_student
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
 from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
@@ -104,9 +105,14 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             cleanup.callback(lambda: traffic.write_text(json.dumps(runner.pool.stats(), indent=2)))
         method = METHODS[config.method](config, tokens, runner.pool if runner else None)
         evaluator = build_evaluator(config, eval_rows, tokens, runner, method) if eval_rows else None
+        if config.sharding == "fsdp":  # FSDP does its own gradient reduction: no DDP wrapper from accelerate
+            model = shard_student(model.to(accelerator.device), accelerator.device, accelerator.num_processes)
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if config.sharding == "fsdp":
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
         state = TrainingState(accelerator, model, optimizer, scheduler, parts=[*([self_teacher] if self_teacher else []), *method.checkpoint_parts()])
         start_step = resume_from_checkpoint(state, output) if config.resume else 0
         metrics = MetricsLog(output / "metrics.jsonl", keep_through_step=start_step if config.resume else None,
@@ -398,8 +404,9 @@ def _done(coroutine) -> Future:
 
 def save_final(accelerator, model, tokenizer, output: Path, merge_lora: bool = False) -> None:
     accelerator.wait_for_everyone()
+    weights = full_model_state(model) if is_sharded(model) else None  # every process gathers, the first writes
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(model), tokenizer, output / "final", merge_lora)
+        save_student(accelerator.unwrap_model(model), tokenizer, output / "final", merge_lora, weights)
 
 
 # --- command line ---
