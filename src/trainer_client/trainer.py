@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from potstill.devices import check_device
@@ -224,7 +224,11 @@ def build_accelerator(config: TrainConfig, output: Path) -> Accelerator:
     autocast = not on_cpu and config.dtype == "float32" and torch.cuda.is_bf16_supported()
     if config.device.startswith("cuda:"):
         torch.cuda.set_device(int(config.device.partition(":")[2]))
-    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no", **accelerator_tracking(config.report_to, output))
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no", **accelerator_tracking(config.report_to, output))
+    if accelerator.distributed_type == DistributedType.FSDP:  # its wrapper would hide the shards from our checkpoints
+        raise ValueError("accelerate's FSDP plugin is not used: launch with torchrun (or accelerate launch without --use_fsdp) "
+                         "and pass --sharding fsdp")
+    return accelerator
 
 
 def _checkpoint_before_stopping(state: TrainingState, output: Path, completed: int, error: Exception) -> None:
