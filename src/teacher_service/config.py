@@ -63,6 +63,8 @@ class ServeOptions(BaseModel):
     logprobs_mode: Literal["raw", "processed"] = Field(
         "raw", description="Generate's log-probs: the model's own distribution (raw) or the one sampled from, after temperature (processed).",
     )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend: share of GPU memory its engine may take.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs the model is split over.")
     max_prompt_chars: int | None = Field(
         None, ge=1, description=f"Most characters of a text prompt or completion, checked before tokenising "
         f"(none: {CHARS_PER_TOKEN_BOUND} x the context length).",

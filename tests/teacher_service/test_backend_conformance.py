@@ -11,9 +11,11 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from teacher_service.backends import BACKENDS, load_backend
 from teacher_service.backends.base import BackendConfig, GenerateItem, SamplingParams, ScoreItem
+from teacher_service.errors import InvalidRequest
 
 ATOL = 1e-4
 
@@ -26,8 +28,20 @@ def run(coroutine):
         loop.close()
 
 
+# Backends that score at temperature 1 only (their engine's prompt log-probs are raw) and refuse others.
+TEMPERATURE_ONE_SCORING = {"vllm"}
+
+
+def _skip_unless_runnable(name: str) -> None:
+    if name == "vllm":  # a CUDA engine: on a GPU machine with the `vllm` extra installed
+        pytest.importorskip("vllm")
+        if not torch.cuda.is_available():
+            pytest.skip("the vllm backend needs a CUDA device")
+
+
 @pytest.fixture(scope="module", params=sorted(BACKENDS))
 def backend(request, tiny_model_dir):
+    _skip_unless_runnable(request.param)
     backend = load_backend(request.param, BackendConfig(model=tiny_model_dir))
     yield backend
     backend.close()
@@ -44,6 +58,12 @@ def test_describes_its_model(backend, tokenizer):
 def test_scores_each_item_under_its_own_k_and_temperature(backend, reference_logprobs):
     items = [ScoreItem([5, 6, 7], [8, 9, 10], 4, 1.0), ScoreItem([40, 41], [42, 43, 44, 45], 0, 0.5),
              ScoreItem([300], [3], 9, 2.0)]
+    if backend.name in TEMPERATURE_ONE_SCORING:
+        for item in items[1:]:
+            with pytest.raises(InvalidRequest) as refused:
+                run(backend.score([item]))
+            assert refused.value.field == "temperature"
+        items = items[:1]
     for item, result in zip(items, run(backend.score(items))):
         reference = reference_logprobs(item.prompt_ids, item.completion_ids, item.temperature)
         length = len(item.completion_ids)

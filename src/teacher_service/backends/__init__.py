@@ -13,8 +13,14 @@ def _load_hf(config: BackendConfig) -> Backend:
     return HFBackend.load(config)
 
 
+def _load_vllm(config: BackendConfig) -> Backend:
+    from teacher_service.backends.vllm import VLLMBackend
+
+    return VLLMBackend.load(config)
+
+
 # Loaders import their backend lazily, so a node without a backend's packages can still run the others.
-BACKENDS: dict[str, Callable[[BackendConfig], Backend]] = {"hf": _load_hf}
+BACKENDS: dict[str, Callable[[BackendConfig], Backend]] = {"hf": _load_hf, "vllm": _load_vllm}
 
 
 def load_backend(name: str, config: BackendConfig) -> Backend:

@@ -34,6 +34,9 @@ class BackendConfig:
     max_logits_elements: int = 2**24  # positions x vocabulary per log-softmax chunk
     batch_window_ms: float = 2.0  # how long the first waiting item waits for others to share its pass
     logprobs_mode: LogprobsMode = "raw"
+    max_top_logprobs: int = 20  # the most top-k a request may ask (an engine that caps it is raised to this)
+    gpu_memory_utilization: float = 0.9  # vllm: share of GPU memory the engine may take
+    tensor_parallel_size: int = 1  # vllm: GPUs one model is split over
 
 
 @dataclass(frozen=True)
