@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import ValidationError
 
 
@@ -18,3 +20,10 @@ def one_line(error: Exception) -> str:
         shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
         return f"{flag}: {first['msg'].removeprefix('Value error, ')}{shown}"
     return " ".join(str(error).split())
+
+
+def check_model_source(flag: str, name: str) -> None:
+    """`UsageError` naming `flag` when `name` is written as a local path (./x, /x, ~/x, a/b/c) that does not exist;
+    a hub id (org/name) is left to the loader."""
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"{flag} {name}: no such directory")

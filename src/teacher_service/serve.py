@@ -26,6 +26,7 @@ import uvicorn
 from potstill.devices import check_device
 from potstill.flags import add_schema_arguments, settings_values
 from potstill.logs import configure_logging
+from potstill.usage import UsageError, check_model_source, one_line
 from teacher_service.backends import load_backend
 from teacher_service.backends.base import BackendConfig
 from teacher_service.config import ENV_PREFIX, ServeOptions
@@ -97,7 +98,10 @@ class TeacherServer:
         await self.grpc.start()
         self._http_task = asyncio.create_task(self.http.serve(sockets=[self._http_socket]))
         log.info("listening: %s %s", self.http_url, self.grpc_url)
-        backend = await asyncio.to_thread(load_backend, self.options.backend, _matching(BackendConfig, self.options))
+        try:
+            backend = await asyncio.to_thread(load_backend, self.options.backend, _matching(BackendConfig, self.options))
+        except OSError as error:  # transformers: no such model on the hub or on disk
+            raise UsageError(f"--model {self.options.model}: {one_line(error)[:300]}") from None
         self.service.attach(backend)
         await self.grpc.set_serving(True)
         log.info("serving %s with the %s backend", self.options.model, self.options.backend)
@@ -147,6 +151,7 @@ def main(args: argparse.Namespace) -> None:
     options = ServeOptions(**settings_values(args, ServeOptions, args.config, ENV_PREFIX)).with_api_keys()
     configure_logging(options.log_format)
     options = options.model_copy(update={"device": check_device(options.device)})
+    check_model_source("--model", options.model)
     asyncio.run(serve_until_signalled(options))
     # Every request has been answered; skip the interpreter's teardown of torch and transformers
     # (seconds per process), so a stopped teacher frees its ports and its node at once.

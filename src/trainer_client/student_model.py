@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from potstill.usage import UsageError
+from potstill.usage import UsageError, check_model_source
 from trainer_client.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,8 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_tokenizer(name: str):
     """The student's tokenizer; `UsageError` naming --student where there is no such model."""
-    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise UsageError(f"--student {name}: no such directory")
+    check_model_source("--student", name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:  # transformers' "not a valid model identifier", "Repo id must be…"

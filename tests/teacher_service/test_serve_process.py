@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -206,3 +207,21 @@ def test_sigterm_turns_readiness_false_while_requests_are_still_answered(tiny_mo
         assert httpx.get(server.http_url + "/health/live").json() == {"status": "alive"}
         assert httpx.post(server.http_url + "/v1/score", json=SCORE).status_code == 200
         assert server.exit_code(timeout=120) == 0
+
+
+SERVE_MISTAKES = [
+    (["--model", "/no/such/model"], "potstill serve: error: --model /no/such/model: no such directory"),
+    (["--model", "./missing-model-dir"], "potstill serve: error: --model ./missing-model-dir: no such directory"),
+]
+if importlib.util.find_spec("vllm") is None:
+    SERVE_MISTAKES.append((["--backend", "vllm", "--model", "MODEL"], "potstill serve: error: --backend vllm needs vLLM"))
+
+
+@pytest.mark.parametrize(("arguments", "message"), SERVE_MISTAKES)
+def test_a_serving_mistake_is_one_line_and_exit_status_2(tiny_model_dir, arguments, message):
+    arguments = [tiny_model_dir if a == "MODEL" else a for a in arguments]
+    finished = subprocess.run([sys.executable, "-m", "potstill.cli", "serve", *arguments, "--http-port", "0", "--grpc-port", "0"],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    errors = [line for line in finished.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in finished.stderr

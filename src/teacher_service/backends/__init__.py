@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
+from potstill.usage import UsageError
 from teacher_service.backends.base import Backend, BackendConfig
 
 
@@ -14,6 +16,8 @@ def _load_hf(config: BackendConfig) -> Backend:
 
 
 def _load_vllm(config: BackendConfig) -> Backend:
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("--backend vllm needs vLLM: pip install 'potstill[serve,vllm]' on a machine with a CUDA GPU")
     from teacher_service.backends.vllm import VLLMBackend
 
     return VLLMBackend.load(config)
