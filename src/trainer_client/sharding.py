@@ -25,11 +25,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from potstill.usage import UsageError
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard_student(model: torch.nn.Module, device: torch.device, processes: int) -> torch.nn.Module:
     """`model` sharded in place over `processes` (every decoder layer, then the root)."""
+    if not torch.distributed.is_initialized():
+        raise UsageError("--sharding fsdp shards over the processes of a distributed launch: "
+                         "torchrun --nproc-per-node N -m potstill.cli train ... --sharding fsdp")
     mesh = init_device_mesh(device.type, (processes,))
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     if not layer_classes:

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
+from potstill.usage import UsageError
 from teacher_service.config import ServeOptions
 from teacher_service.testing import BackgroundTeacher
 from trainer_client.config import TrainConfig
+from trainer_client.trainer import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 6
@@ -98,3 +100,11 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes_exactly(tm
 def test_fsdp_refuses_what_it_cannot_shard(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(student="s", data="d", teachers=["http://t:1"], sharding="fsdp", **settings)
+
+
+def test_fsdp_outside_a_distributed_launch_says_how_to_launch(tmp_path):
+    student = str(build_tiny_model(tmp_path / "student", seed=2, hidden_size=48))
+    data = str(write_jsonl(make_rows(20, seed=0), tmp_path / "train.jsonl"))
+    config = TrainConfig(student=student, data=data, method="sft", sharding="fsdp", steps=1, output=str(tmp_path / "run"))
+    with pytest.raises(UsageError, match="torchrun --nproc-per-node N"):
+        train(config, progress=False)
