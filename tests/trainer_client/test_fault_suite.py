@@ -30,6 +30,7 @@ from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.trainer import train
 
+from ..teacher_service.test_bad_input import queue_depth
 from .test_pool import free_port
 
 STEPS = 10
@@ -167,11 +168,6 @@ def _flood(url: str, stop: threading.Event, answers: list[int], clients: int = 8
     return threads
 
 
-def _queue_depth(url: str) -> float:
-    metrics = httpx.get(url + "/metrics").text
-    return next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("potstill_queue_depth "))
-
-
 def test_sigterm_of_an_http_teacher_with_queued_work(world, replicas, reference, tmp_path):
     leaving = _teacher(world)
     stop, flood_answers, flood = threading.Event(), [], []
@@ -179,7 +175,7 @@ def test_sigterm_of_an_http_teacher_with_queued_work(world, replicas, reference,
     def flood_then_sigterm() -> None:
         flood.extend(_flood(leaving.http_url, stop, flood_answers))
         deadline = time.monotonic() + 60
-        while _queue_depth(leaving.http_url) < 8 and time.monotonic() < deadline:
+        while queue_depth(leaving.http_url) < 8 and time.monotonic() < deadline:
             time.sleep(0.02)
         leaving.process.send_signal(signal.SIGTERM)
 
