@@ -26,16 +26,19 @@ class SideModel:
         self.width: int | None = None
         self.module: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._restored: tuple[dict, dict] | None = None  # from a checkpoint, applied once the device is known
+        self._restored: tuple[int, dict, dict] | None = None  # (width, weights, optimizer state) from a checkpoint
 
     def ready(self, width: int, device: torch.device) -> torch.nn.Module:
-        """The module (built now for inputs of `width` on `device` if it was not yet)."""
+        """The module (built now for inputs of `width` on `device` if it was not yet, from the
+        checkpoint's state when one was loaded: only now is the device known)."""
         if self.module is None:
-            self._create(width, device)
+            if self._restored is not None and self._restored[0] != width:
+                raise ValueError(f"the checkpoint's {self.name} takes inputs of width {self._restored[0]}, not {width}")
+            self.width = width
+            self.module = self._build(width).to(device)
+            self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self._lr)
             if self._restored is not None:
-                weights, optimizer_state = self._restored
-                if width != self.width:
-                    raise ValueError(f"the checkpoint's {self.name} takes inputs of width {self.width}, not {width}")
+                _, weights, optimizer_state = self._restored
                 self.module.load_state_dict(weights)
                 self.optimizer.load_state_dict(optimizer_state)  # Adam moves its state to its parameters' device
                 self._restored = None
@@ -46,11 +49,6 @@ class SideModel:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-
-    def _create(self, width: int, device: torch.device) -> None:
-        self.width = self.width or width
-        self.module = self._build(width).to(device)
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self._lr)
 
     # --- checkpoints (`TrainingState.parts`) ---
 
@@ -64,7 +62,7 @@ class SideModel:
     def load(self, directory: Path) -> None:
         if not (directory / f"{self.name}.json").is_file():  # the checkpoint was made before its first use
             return
-        self.width = json.loads((directory / f"{self.name}.json").read_text())["width"]
+        width = json.loads((directory / f"{self.name}.json").read_text())["width"]
         self.module = self.optimizer = None
-        self._restored = (load_file(str(directory / f"{self.name}.safetensors")),
+        self._restored = (width, load_file(str(directory / f"{self.name}.safetensors")),
                           load_optimizer_state(directory, f"{self.name}-optimizer"))

@@ -72,11 +72,6 @@ def token_prompt(ids: list[int]) -> dict[str, list[int]]:
 # --- results ---
 
 
-def _by_rank(position: Mapping[int, Any]) -> list[tuple[int, float, int | None]]:
-    """(token id, logprob, rank) of one position's entries."""
-    return [(token, entry.logprob, entry.rank) for token, entry in position.items()]
-
-
 def distributions(
     positions: Iterable[Mapping[int, Any] | None], tokens: list[int], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,7 +84,8 @@ def distributions(
         if position is None or token not in position:
             raise BackendUnavailable(f"vLLM returned no log-prob for token {token} at position {row}")
         token_logprobs[row] = position[token].logprob
-        ranked = sorted((rank, token_id, logprob) for token_id, logprob, rank in _by_rank(position) if rank is not None and rank <= k)
+        ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in position.items()
+                        if entry.rank is not None and entry.rank <= k)
         if len(ranked) < k:
             raise BackendUnavailable(f"vLLM returned {len(ranked)} ranked log-probs at position {row}, not {k}")
         for column, (_, token_id, logprob) in enumerate(ranked):
