@@ -43,8 +43,12 @@ def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     return corpus
 
 
-def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """Train the tokenizer and wrap it for transformers (with EOS, PAD and a chat template)."""
+def build_tokenizer(vocab_size: int = 384, extra_special_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Train the tokenizer and wrap it for transformers (with EOS, PAD and a chat template).
+
+    `extra_special_tokens` (a vision model's image and video placeholders) are added after
+    training, at the end of the vocabulary: every other token keeps the id it has without them.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -57,8 +61,10 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.add_special_tokens(list(extra_special_tokens))
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=list(extra_special_tokens),
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
