@@ -1,7 +1,8 @@
 """Command-line flags generated from a pydantic settings schema, so defaults, choices, ranges
 and help live in one place (the schema) and every command shows them the same way.
 
-A field `max_batch` becomes `--max-batch`; its help reads "DESCRIPTION (default: 256; range:
+A field `max_batch` becomes `--max-batch` (plus one flag per other name in its pydantic
+`validation_alias=AliasChoices(...)`: `gkd_lambda` also answers to `--lambda`); its help reads "DESCRIPTION (default: 256; range:
 >= 1; env: POTSTILL_MAX_BATCH)". Settings resolve, lowest to highest precedence: the schema's
 defaults, a YAML file, environment variables (where the command takes them), then flags.
 """
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel
 from pydantic.fields import FieldInfo
 
 _BOUNDS = ((annotated_types.Ge, ">="), (annotated_types.Gt, ">"), (annotated_types.Le, "<="), (annotated_types.Lt, "<"))
@@ -26,6 +27,12 @@ _BOUNDS = ((annotated_types.Ge, ">="), (annotated_types.Gt, ">"), (annotated_typ
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def flag_names(name: str, field: FieldInfo) -> list[str]:
+    """The field's flag, then one per other name its `AliasChoices` validation alias accepts."""
+    aliases = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+    return [flag_name(name), *(flag_name(alias) for alias in aliases if isinstance(alias, str) and alias != name)]
 
 
 def env_name(field: str, prefix: str) -> str:
@@ -42,9 +49,9 @@ def add_schema_arguments(
         kind, choices = _value_type(field.annotation)
         help_text = _help(name, field, choices, env_prefix)
         if kind is bool:
-            parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flag_names(name, field), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag_name(name), default=None, type=kind, choices=choices, help=help_text)
+            parser.add_argument(*flag_names(name, field), dest=name, default=None, type=kind, choices=choices, help=help_text)
 
 
 def settings_values(

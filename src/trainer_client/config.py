@@ -7,14 +7,19 @@ both land in `TrainConfig`, whose errors name the offending key.
 from __future__ import annotations
 
 import os
+import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from potstill.devices import DEVICE_HELP, DEVICE_PATTERN
 from trainer_client.data import Columns
 
-Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided"]
+Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided", "on-policy", "self-distill"]
+# Methods whose loss is on the student's own samples, scored by the teachers (trainer_client.on_policy).
+ON_POLICY_METHODS = ("on-policy", "self-distill")
+# Methods that need the teachers' top-k log-probs in the student's vocabulary.
+WHITE_BOX_METHODS = ("logit-kd", *ON_POLICY_METHODS)
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 Route = Literal["mixture", "tags", "verified", "confidence", "lowest-ce", "gate"]
 Selection = Literal["all", "verifier", "majority", "confidence", "judge"]
@@ -22,6 +27,8 @@ Selection = Literal["all", "verifier", "majority", "confidence", "judge"]
 WHITE_BOX_ROUTES = ("mixture", "tags", "lowest-ce")
 # `--teacher` words naming the student itself as a teacher (trainer_client.self_teacher).
 SELF_TEACHERS = ("self", "ema", "lagged")
+# What a self-distill privileged prompt may name (trainer_client.on_policy.privileged_prompt).
+PRIVILEGED_FIELDS = ("prompt", "reference", "answer", "completion", "verdict", "feedback")
 DEFAULT_JUDGE_RUBRICS = {"correctness": "Question: {prompt}\nProposed answer: {completion}\nIs the proposed answer correct?"}
 
 
@@ -56,8 +63,12 @@ class TrainConfig(BaseModel):
     method: Method = Field("logit-kd", description="sft: reference completions; seq-kd: teacher samples as targets; "
                            "multi-sample: several samples per prompt from each routed teacher, kept or weighted by --select (R-MSD); "
                            "logit-kd: a divergence to the teachers' top-k log-probs; "
-                           "guided: the student's own verified samples, teachers asked only where all of them fail (AMPO).")
-    loss: Divergence = Field("forward_kl", description="Divergence for logit-kd.")
+                           "guided: the student's own verified samples, teachers asked only where all of them fail (AMPO); "
+                           "on-policy: the student samples, the teachers score its tokens, the loss is a divergence on them (GKD); "
+                           "self-distill: on-policy, the teacher (e.g. --teacher ema) scoring under a privileged prompt "
+                           "(--privileged-template).")
+    loss: Divergence = Field("forward_kl", description="Divergence on the teachers' top-k (logit-kd; on-policy and "
+                             "self-distill with on_policy_loss topk).")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD interpolation (0 = forward KL, 1 = reverse KL).")
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="Top-k tail: a (k+1)-th bucket, or renormalise.")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature (the loss is scaled by its square).")
@@ -93,8 +104,36 @@ class TrainConfig(BaseModel):
     )
     judge_yes: str = Field(" yes", min_length=1, description="The continuation whose probability is a judge's 'yes'.")
     judge_no: str = Field(" no", min_length=1, description="The continuation whose probability is a judge's 'no'.")
-    student_samples: int = Field(4, ge=1, description="Student samples per prompt (guided).")
-    student_temperature: float = Field(1.0, ge=0, description="Student sampling temperature (guided; 0 = greedy).")
+    student_samples: int = Field(4, ge=1, description="Student samples per prompt (guided, on-policy, self-distill).")
+    student_temperature: float = Field(1.0, ge=0, description="Student sampling temperature (guided, on-policy, self-distill; "
+                                       "0 = greedy).")
+    gkd_lambda: float = Field(
+        1.0, ge=0, le=1, validation_alias=AliasChoices("gkd_lambda", "lambda"),
+        description="on-policy, self-distill: the probability that a micro-batch is the student's own samples; otherwise it "
+        "is the dataset's completions, scored by the teachers the same way (GKD's lambda; 1 = always on-policy).",
+    )
+    on_policy_update: Literal["supervised", "policy-gradient"] = Field(
+        "supervised", description="on-policy, self-distill: supervised backpropagates the divergence (on_policy_loss); "
+        "policy-gradient weighs each sampled token's log-prob by the advantage -k(y) (kl_estimator, clamped by "
+        "advantage_clip) plus reward_weight x the verifier's verdict (REINFORCE).",
+    )
+    on_policy_loss: Literal["topk", "sampled"] = Field(
+        "topk", description="Supervised on-policy loss: topk is --loss (jsd with --beta, reverse_kl, ...) on the teachers' "
+        "top-k with --tail at every sampled position; sampled is the per-token estimate (kl_estimator) at the sampled token.",
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token reverse-KL estimate at a sampled token y: k1 = log q(y) - log p(y), "
+        "k3 = p(y)/q(y) - 1 - log(p(y)/q(y)) (on_policy_loss sampled, and the policy-gradient advantage).",
+    )
+    advantage_clip: float = Field(5.0, gt=0, description="policy-gradient: each token's advantage is clamped to "
+                                  "[-advantage_clip, advantage_clip] before the reward is added.")
+    reward_weight: float = Field(0.0, ge=0, description="policy-gradient: added to every token's advantage of a sample the "
+                                 "verifier accepts (needs --verifier); 0 = no verifier reward.")
+    privileged_template: str = Field(
+        "Reference answer: {reference}\n\n{prompt}", description="self-distill: the teacher's prompt, from the row's "
+        "{prompt}, {reference} (its completion), {answer}, the student's {completion}, the verifier's {verdict} (correct / "
+        "incorrect; needs --verifier) or the judge's {feedback} (rubric scores; needs --judge).",
+    )
     gate_lr: float = Field(1e-2, gt=0, description="Learning rate of the routing gate (--route gate).")
     gate_balance: float = Field(0.01, ge=0, description="Weight of the gate's load-balancing term (--route gate).")
     adversarial_weight: float = Field(
@@ -199,6 +238,15 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"judge rubric {dimension!r} must contain '{{completion}}'")
         return rubrics
 
+    @field_validator("privileged_template")
+    @classmethod
+    def _template_names_known_fields(cls, template: str) -> str:
+        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        unknown = sorted(named - set(PRIVILEGED_FIELDS))
+        if unknown:
+            raise ValueError(f"privileged_template names {{{unknown[0]}}}; it may use {', '.join(PRIVILEGED_FIELDS)}")
+        return template
+
     @model_validator(mode="after")
     def _settings_fit_the_method(self) -> TrainConfig:
         if self.method != "sft" and not self.teachers and not self.teacher_cache:
@@ -212,6 +260,8 @@ class TrainConfig(BaseModel):
         needs_verifier = [
             why for why, applies in (
                 ("method guided", self.method == "guided"),
+                ("reward_weight", self.reward_weight > 0),
+                ("privileged_template {verdict}", self.method == "self-distill" and "{verdict}" in self.privileged_template),
                 (f"select {self.select}", self.select in ("verifier", "majority")),
                 ("route verified", self.route == "verified"),
             ) if applies
@@ -220,20 +270,37 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{needs_verifier[0]} needs --verifier (e.g. 'integer')")
         if self.select == "judge" and not self.judges:
             raise ValueError("select judge needs a judge endpoint: --judge URL")
-        if self.method == "logit-kd" and self.route not in WHITE_BOX_ROUTES:
-            raise ValueError(f"logit-kd routes by {', '.join(WHITE_BOX_ROUTES)}; route {self.route!r} needs teacher samples")
+        if self.white_box and self.route not in WHITE_BOX_ROUTES:
+            raise ValueError(f"{self.method} routes by {', '.join(WHITE_BOX_ROUTES)}; route {self.route!r} needs teacher samples")
         if self.adversarial_weight and self.method != "multi-sample":
             raise ValueError("adversarial_weight applies to method multi-sample")
+        self._check_on_policy()
         self._check_self_teacher()
         self._check_sharding()
         return self
+
+    def _check_on_policy(self) -> None:
+        if self.method not in ON_POLICY_METHODS:
+            return
+        if self.on_policy_update == "supervised" and self.on_policy_loss == "sampled" and self.kl_estimator == "k1":
+            raise ValueError("on_policy_loss sampled with kl_estimator k1: backpropagating log q(y) - log p(y) at fixed samples "
+                             "has a zero expected gradient; use kl_estimator k3, on_policy_loss topk or on_policy_update policy-gradient")
+        if self.on_policy_update == "policy-gradient" and self.gkd_lambda < 1:
+            raise ValueError("on_policy_update policy-gradient needs the student's own samples in every batch: set --lambda 1")
+        if self.reward_weight and self.on_policy_update != "policy-gradient":
+            raise ValueError("reward_weight applies to on_policy_update policy-gradient")
+        if self.teacher_cache:
+            raise ValueError(f"method {self.method} scores the student's fresh samples; a --teacher-cache cannot hold them")
+        if self.method == "self-distill" and "{feedback}" in self.privileged_template and not self.judges:
+            raise ValueError("privileged_template {feedback} needs a judge endpoint: --judge URL")
 
     def _check_sharding(self) -> None:
         if self.sharding == "none":
             return
         # A sharded forward pass is a collective: every process must run the same passes, which
         # student sampling (different lengths per process) does not.
-        rollouts = "method guided" if self.method == "guided" else "adversarial_weight" if self.adversarial_weight else None
+        rollouts = (f"method {self.method}" if self.method in ("guided", *ON_POLICY_METHODS)
+                    else "adversarial_weight" if self.adversarial_weight else None)
         if rollouts:
             raise ValueError(f"sharding fsdp needs every process to run the same forward passes; {rollouts} samples from the student")
         if self.lora_r:
@@ -265,4 +332,4 @@ class TrainConfig(BaseModel):
 
     @property
     def white_box(self) -> bool:
-        return self.method == "logit-kd"
+        return self.method in WHITE_BOX_METHODS

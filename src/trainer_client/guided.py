@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from trainer_client.data import Row
 from trainer_client.methods import Method, step_seed
+from trainer_client.on_policy import student_rollouts
 from trainer_client.samples import STUDENT, Example, PromptGroup
 from trainer_client.student import StudentView
 
@@ -29,10 +30,9 @@ class Guided(Method):
     uses_student = True
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> list[PromptGroup]:
-        prompts = [self.tokens.prompt(row.prompt) for row in rows]
         config = self.config
-        samples = student.sample(prompts, config.student_samples, config.max_new_tokens, config.student_temperature, step_seed(config, step))
-        return [PromptGroup(row, prompt, candidates) for row, prompt, candidates in zip(rows, prompts, samples)]
+        return student_rollouts(student, self.tokens, rows, config.student_samples, config.max_new_tokens,
+                                config.student_temperature, step_seed(config, step))
 
     async def annotate(self, rows: list[Row], rollout: list[PromptGroup], step: int) -> list[PromptGroup]:
         verify = self.selector.verify

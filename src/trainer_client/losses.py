@@ -141,15 +141,54 @@ def total_variation(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
     return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
 
 
-def sampled_reverse_kl(student_token_logprobs: Tensor, teacher_token_logprobs: Tensor) -> Tensor:
-    """Per-token reverse-KL estimate log q(y) - log p(y) on tokens y sampled from the student.
+KLEstimator = Literal["k1", "k3"]
 
-    Its expectation over y ~ q is KL(q || p); used on-policy (MiniLLM, Gu et al. 2024; GKD,
-    Agarwal et al. 2024), where the teacher scores the student's own samples. Inputs [B, L]
-    (log-probs of the sampled tokens), output [B, L]; no top-k and hence no tail is involved.
-    Whether to use it as a loss or, detached, as a reward is the caller's choice.
+
+def sampled_reverse_kl(student_token_logprobs: Tensor, teacher_token_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of the reverse KL(q || p) from tokens y sampled from the student q.
+
+    With s = log q(y) and t = log p(y) at the sampled token (inputs [B, L], output [B, L]):
+      k1 = s - t                      unbiased, can be negative, high variance;
+      k3 = exp(t - s) - 1 - (t - s)   unbiased (E_q[p/q] = 1), always >= 0, lower variance
+    (Schulman 2020, "Approximating KL Divergence"). Used on-policy (MiniLLM, Gu et al. 2024;
+    GKD, Agarwal et al. 2024), where the teacher scores the student's own samples; no top-k and
+    hence no tail is involved. As a loss at fixed samples, the gradient of k1 is grad s, zero in
+    expectation over y ~ q; that of k3 is (1 - p/q) grad s, whose expectation is the gradient of
+    the forward KL(p || q). The reverse KL's own gradient needs the score function:
+    `policy_gradient_loss` with -k1 as the advantage.
     """
-    return student_token_logprobs - teacher_token_logprobs
+    log_ratio = teacher_token_logprobs - student_token_logprobs  # log p(y) / q(y)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def distillation_advantage(
+    student_token_logprobs: Tensor, teacher_token_logprobs: Tensor, estimator: KLEstimator = "k1", clip: float = 5.0,
+    reward: Tensor | None = None,
+) -> Tensor:
+    """Dense per-token advantage A = clamp(-k(y), -clip, clip) + reward, detached.
+
+    k is `sampled_reverse_kl` (k1 or k3) at each sampled token: a token the teacher finds likelier
+    than the student does gets A > 0. Inputs [B, L] (log-probs of the sampled tokens); `reward`
+    [B, L] (e.g. a verifier's sequence reward spread over its tokens) or None; output [B, L],
+    without gradient. The on-policy distillation recipes' "negative reverse KL as reward", with a
+    discount of 0 (each token is credited its own term only).
+    """
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    advantage = (-sampled_reverse_kl(student_token_logprobs, teacher_token_logprobs, estimator)).clamp(-clip, clip)
+    return (advantage if reward is None else advantage + reward).detach()
+
+
+def policy_gradient_loss(student_token_logprobs: Tensor, advantages: Tensor) -> Tensor:
+    """REINFORCE per token: -A · log q(y), where A [B, L] is detached and log q(y) [B, L] carries
+    the gradient; output [B, L]. With A = -k1 = log p(y) - log q(y), the expected gradient over
+    y ~ q is -E_q[(log p - log q) grad log q] = grad KL(q || p), per position (Williams 1992;
+    MiniLLM's single-step term, Gu et al. 2024)."""
+    return -advantages.detach() * student_token_logprobs
 
 
 # Picked by name from the config; "jsd" takes `beta` as a keyword.
@@ -186,6 +225,18 @@ def mix_teachers(
     run = first.long().cumsum(-1) - 1  # [B, L, K]: index of the run each slot belongs to
     run_mass = torch.zeros_like(mass).scatter_add(-1, run, mass.gather(-1, order))
     return ids, torch.where(first, run_mass.gather(-1, run).log(), float("-inf"))
+
+
+def mix_token_logprobs(token_logprobs: list[Tensor], weights: Sequence[float]) -> Tensor:
+    """log sum_j w_j · p_j(y): the weighted mixture's log-prob of given tokens, from each teacher's
+    [...] log-probs of them (weights >= 0, normalised to sum to 1) -> [...]. The exact token-level
+    counterpart of `mix_teachers` (no top-k involved)."""
+    total = float(sum(weights))
+    if len(token_logprobs) != len(weights) or min(weights) < 0 or total <= 0:
+        raise ValueError(f"need one log-prob tensor per weight, weights >= 0 with a positive sum; got {list(weights)}")
+    log_weights = torch.tensor([math.log(w / total) if w > 0 else float("-inf") for w in weights], dtype=token_logprobs[0].dtype)
+    stacked = torch.stack(token_logprobs) + log_weights.reshape(-1, *[1] * token_logprobs[0].dim())
+    return torch.logsumexp(stacked, dim=0)
 
 
 def distillation_per_position(

@@ -19,6 +19,8 @@ student has then.
 - logit-kd (white-box, Hinton et al. 2015): targets are the reference completions or teacher
   samples, and every routed teacher scores them; several teachers are mixed by weight.
 - guided (AMPO-style guidance on demand): see guided.py.
+- on-policy (GKD, MiniLLM) and self-distill (privileged context): the student's own samples,
+  scored by the teachers; see on_policy.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from trainer_client.adversarial import AdversarialTerm
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
-from trainer_client.losses import mix_teachers
+from trainer_client.losses import mix_teachers, mix_token_logprobs
 from trainer_client.judges import JUDGE_TAG
 from trainer_client.routing import Router
 from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
@@ -177,13 +179,17 @@ async def attach_teacher_distributions(
     source: TeacherSource, teachers_per_group: list[list[str]], tokens: StudentTokens, groups: list[PromptGroup], config: TrainConfig,
     temperature: float | None = None,
 ) -> None:
-    """Each group's teachers score its candidates (as the student fits them); with several
-    teachers, their mixture by weight is kept on each candidate."""
+    """Each group's teachers score its candidates (as the student fits them), after a candidate's
+    `teacher_prompt_ids` where it has them (privileged context), else after the group's prompt. Each
+    candidate keeps the top-k at every target position and the log-prob of its own tokens; with
+    several teachers, their mixtures by weight."""
     temperature = config.temperature if temperature is None else temperature
     wanted: dict[str, list[tuple[Candidate, list[int], list[int]]]] = defaultdict(list)
     for group, names in zip(groups, teachers_per_group):
         for candidate in group.candidates:
             prompt, target = tokens.fit(group.prompt_ids, candidate.target_ids)
+            if candidate.teacher_prompt_ids is not None:  # the target is already cut to fit: only this prompt's start goes
+                prompt, _ = tokens.fit(candidate.teacher_prompt_ids, target)
             for name in names:
                 wanted[name].append((candidate, prompt, target))
     names = list(wanted)
@@ -201,7 +207,10 @@ async def attach_teacher_distributions(
             scored = per_candidate[id(candidate)]
             ids = [torch.from_numpy(r.top_ids.astype(np.int64)) for _, r in scored]
             logprobs = [torch.from_numpy(r.top_logprobs) for _, r in scored]
+            token_logprobs = [torch.from_numpy(r.token_logprobs) for _, r in scored]
             if len(scored) > 1:
-                mixed_ids, mixed_logprobs = mix_teachers(ids, logprobs, [source.group(name).weight for name, _ in scored])
-                ids, logprobs = [mixed_ids], [mixed_logprobs]
+                weights = [source.group(name).weight for name, _ in scored]
+                mixed_ids, mixed_logprobs = mix_teachers(ids, logprobs, weights)
+                ids, logprobs, token_logprobs = [mixed_ids], [mixed_logprobs], [mix_token_logprobs(token_logprobs, weights)]
             candidate.teacher_ids, candidate.teacher_logprobs = ids[0].numpy(), logprobs[0].numpy()
+            candidate.teacher_token_logprobs = token_logprobs[0].numpy()

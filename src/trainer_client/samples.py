@@ -30,6 +30,8 @@ class Example:
     teacher_ids: np.ndarray | None = None  # int [len(target_ids), K]
     teacher_logprobs: np.ndarray | None = None  # float [len(target_ids), K]
     own: bool = False  # the student's own sample: seen by the adversarial discriminator, never a target
+    teacher_token_logprobs: np.ndarray | None = None  # float [len(target_ids)]: the teachers' log-prob of each target token
+    reward: float = 0.0  # a sequence reward (the verifier's), spread over its tokens by the policy-gradient update
 
 
 @dataclass
@@ -45,6 +47,9 @@ class Candidate:
     # The teachers' top-k at each (fitted) target position, for white-box losses.
     teacher_ids: np.ndarray | None = None  # int [len(fitted target), K]
     teacher_logprobs: np.ndarray | None = None  # float [len(fitted target), K]
+    teacher_token_logprobs: np.ndarray | None = None  # float [len(fitted target)]: of the candidate's own tokens
+    reward: float = 0.0
+    teacher_prompt_ids: list[int] | None = None  # what teachers score it after, when not the group's prompt (privileged context)
 
 
 @dataclass
@@ -66,7 +71,8 @@ class PromptGroup:
     def examples(self, tokens: StudentTokens) -> list[Example]:
         """The candidates with a positive weight, as weighted examples."""
         return [
-            Example(*tokens.fit(self.prompt_ids, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs)
+            Example(*tokens.fit(self.prompt_ids, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs,
+                    teacher_token_logprobs=c.teacher_token_logprobs, reward=c.reward)
             for c in self.candidates
             if c.weight > 0 and c.target_ids
         ]

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer_client.config import TrainConfig
-from trainer_client.losses import distillation_per_position
+from trainer_client.config import ON_POLICY_METHODS, TrainConfig
+from trainer_client.losses import distillation_advantage, distillation_per_position, policy_gradient_loss, sampled_reverse_kl
 from trainer_client.samples import Example
 
 
@@ -38,6 +38,8 @@ class Batch:
     own: torch.Tensor  # [B] bool: the student's own sample (for the adversarial term), not a target
     teacher_ids: torch.Tensor | None  # [B, T - 1, K]
     teacher_logprobs: torch.Tensor | None  # [B, T - 1, K]
+    teacher_token_logprobs: torch.Tensor | None = None  # [B, T - 1]: the teachers' log-prob of each label (target positions)
+    rewards: torch.Tensor | None = None  # [B, T - 1]: the example's sequence reward at its target positions, else 0
 
     def to(self, device: torch.device) -> Batch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -48,6 +50,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right-padded tensors; position t of `labels` holds token t + 1 of the sequence."""
     width = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
     has_teacher = examples[0].teacher_ids is not None
+    has_token_logprobs = examples[0].teacher_token_logprobs is not None
     k = max(e.teacher_ids.shape[1] for e in examples) if has_teacher else 0
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -55,6 +58,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     weights = torch.zeros((len(examples), width - 1))
     teacher_ids = torch.zeros((len(examples), width - 1, k), dtype=torch.long)
     teacher_logprobs = torch.full((len(examples), width - 1, k), float("-inf"))
+    teacher_token_logprobs = torch.zeros((len(examples), width - 1))
+    rewards = torch.zeros((len(examples), width - 1))
     for row, example in enumerate(examples):
         sequence = example.prompt_ids + example.target_ids
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
@@ -62,6 +67,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         span = slice(len(example.prompt_ids) - 1, len(sequence) - 1)  # positions predicting the targets
         target_mask[row, span] = True
         weights[row, span] = example.weight
+        rewards[row, span] = example.reward
+        if has_token_logprobs:
+            teacher_token_logprobs[row, span] = torch.from_numpy(example.teacher_token_logprobs.astype(np.float32))
         if has_teacher:
             width_k = example.teacher_ids.shape[1]
             teacher_ids[row, span, :width_k] = torch.from_numpy(example.teacher_ids.astype(np.int64))
@@ -75,23 +83,48 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         own=torch.tensor([e.own for e in examples], dtype=torch.bool),
         teacher_ids=teacher_ids if has_teacher else None,
         teacher_logprobs=teacher_logprobs if has_teacher else None,
+        teacher_token_logprobs=teacher_token_logprobs if has_token_logprobs else None,
+        rewards=rewards,
     )
 
 
 def token_losses(
     logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_logprobs: torch.Tensor | None,
-    config: TrainConfig,
+    config: TrainConfig, teacher_token_logprobs: torch.Tensor | None = None, rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-position loss [N] from logits [N, V] and labels [N]: cross-entropy, or, with the
-    teachers' top-k [N, K], the divergence plus `ce_weight` x cross-entropy; and its parts [N]."""
+    teachers' top-k [N, K], the divergence plus `ce_weight` x cross-entropy; on-policy methods
+    with the teachers' log-probs of the labels [N] (and rewards [N]) as `on_policy_token_losses`
+    says. Returns the loss and its parts [N]."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits lose too much
     ce = F.cross_entropy(logits, labels, reduction="none")
     if teacher_ids is None:
         return ce, {"ce": ce}
+    if config.method in ON_POLICY_METHODS and (config.on_policy_update == "policy-gradient" or config.on_policy_loss == "sampled"):
+        return on_policy_token_losses(-ce, teacher_token_logprobs, rewards, config)
     kd = distillation_per_position(
         logits, teacher_ids, teacher_logprobs, config.loss, config.temperature, config.tail, config.beta,
     )
     return kd + config.ce_weight * ce, {"kd": kd, "ce": ce}
+
+
+def on_policy_token_losses(
+    student_token_logprobs: torch.Tensor, teacher_token_logprobs: torch.Tensor, rewards: torch.Tensor, config: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-position loss [N] on sampled tokens from s = log q(y) (with gradient), t = log p(y) and
+    the sequence rewards [N], and its parts:
+    - policy-gradient: -A · s with A = clamp(-k(y), ±advantage_clip) + reward_weight · reward (detached);
+    - supervised, on_policy_loss sampled: k(y) itself (k3; see `sampled_reverse_kl` for why not k1);
+    k = `kl_estimator`; plus `ce_weight` · (-s) either way. Part "kd" is k(y), the estimate."""
+    estimate = sampled_reverse_kl(student_token_logprobs, teacher_token_logprobs, config.kl_estimator)
+    if config.on_policy_update == "policy-gradient":
+        advantage = distillation_advantage(student_token_logprobs, teacher_token_logprobs, config.kl_estimator,
+                                           config.advantage_clip, config.reward_weight * rewards)
+        loss, parts = policy_gradient_loss(student_token_logprobs, advantage), {"advantage": advantage}
+    else:
+        loss, parts = estimate, {}
+    ce = -student_token_logprobs
+    return loss + config.ce_weight * ce, {"kd": estimate.detach(), "ce": ce, **parts}
 
 
 @contextlib.contextmanager
@@ -136,16 +169,17 @@ def weighted_loss_sum_from_hidden(
     hidden = hidden[:, :-1]  # [B, T - 1, H], aligned with labels
     keep = batch.weights > 0  # [B, T - 1]
     h, labels, weights = hidden[keep], batch.labels[keep], batch.weights[keep]  # [N, H], [N], [N]
-    teacher = (batch.teacher_ids[keep], batch.teacher_logprobs[keep]) if batch.teacher_ids is not None else (None, None)
+    teacher = [t[keep] if t is not None else None for t in (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_token_logprobs, batch.rewards)]
     head = unwrapped.get_output_embeddings()
     total = h.new_zeros(())
     parts: dict[str, float] = {}
     for start in range(0, len(labels), config.loss_chunk_size):
         chunk = slice(start, start + config.loss_chunk_size)
-        ids, logprobs = (t[chunk] if t is not None else None for t in teacher)
+        ids, logprobs, token_logprobs, rewards = (t[chunk] if t is not None else None for t in teacher)
 
-        def chunk_sums(h_chunk, w=weights[chunk], y=labels[chunk], ids=ids, logprobs=logprobs):
-            loss, chunk_parts = token_losses(head(h_chunk), y, ids, logprobs, config)
+        def chunk_sums(h_chunk, w=weights[chunk], y=labels[chunk], ids=ids, logprobs=logprobs, token_logprobs=token_logprobs,
+                       rewards=rewards):
+            loss, chunk_parts = token_losses(head(h_chunk), y, ids, logprobs, config, token_logprobs, rewards)
             return (w * loss).sum(), {name: (w * part).sum() for name, part in chunk_parts.items()}
 
         # No randomness inside, so no RNG state to save and restore (restoring it would also reset

@@ -52,6 +52,7 @@ from trainer_client.evaluation import Evaluator
 from trainer_client.guided import Guided
 from trainer_client.judges import JUDGE_TAG
 from trainer_client.methods import SFT, LogitKD, Method, SampledTargets, attach_teacher_distributions
+from trainer_client.on_policy import OnPolicy, SelfDistill
 from trainer_client.pool import PoolRunner, TeacherSpec
 from trainer_client.progress import RunProgress
 from trainer_client.report import write_report
@@ -68,6 +69,7 @@ from trainer_client.verifiers import get_verifier
 
 METHODS: dict[str, type[Method]] = {
     "sft": SFT, "seq-kd": SampledTargets, "multi-sample": SampledTargets, "logit-kd": LogitKD, "guided": Guided,
+    "on-policy": OnPolicy, "self-distill": SelfDistill,
 }
 
 
