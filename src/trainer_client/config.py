@@ -10,16 +10,18 @@ import os
 import string
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from potstill.devices import DEVICE_HELP, DEVICE_PATTERN
 from trainer_client.data import Columns
 
-Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided", "on-policy", "self-distill"]
+Method = Literal["sft", "seq-kd", "multi-sample", "logit-kd", "guided", "on-policy", "self-distill", "grpo", "visd"]
 # Methods whose loss is on the student's own samples, scored by the teachers (trainer_client.on_policy).
 ON_POLICY_METHODS = ("on-policy", "self-distill")
 # Methods that need the teachers' top-k log-probs in the student's vocabulary.
-WHITE_BOX_METHODS = ("logit-kd", *ON_POLICY_METHODS)
+WHITE_BOX_METHODS = ("logit-kd", *ON_POLICY_METHODS, "visd")
+# Methods that learn from the student's own samples by a verifier reward (trainer_client.visd).
+RL_METHODS = ("grpo", "visd")
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 Route = Literal["mixture", "tags", "verified", "confidence", "lowest-ce", "gate"]
 Selection = Literal["all", "verifier", "majority", "confidence", "judge"]
@@ -66,7 +68,9 @@ class TrainConfig(BaseModel):
                            "guided: the student's own verified samples, teachers asked only where all of them fail (AMPO); "
                            "on-policy: the student samples, the teachers score its tokens, the loss is a divergence on them (GKD); "
                            "self-distill: on-policy, the teacher (e.g. --teacher ema) scoring under a privileged prompt "
-                           "(--privileged-template).")
+                           "(--privileged-template); "
+                           "grpo: policy gradient on the student's samples with the group-relative verifier reward (no teacher); "
+                           "visd: grpo whose per-token magnitudes come from a self-teacher shown judge feedback (VISD).")
     loss: Divergence = Field("forward_kl", description="Divergence on the teachers' top-k (logit-kd; on-policy and "
                              "self-distill with on_policy_loss topk).")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD interpolation (0 = forward KL, 1 = reverse KL).")
@@ -104,9 +108,10 @@ class TrainConfig(BaseModel):
     )
     judge_yes: str = Field(" yes", min_length=1, description="The continuation whose probability is a judge's 'yes'.")
     judge_no: str = Field(" no", min_length=1, description="The continuation whose probability is a judge's 'no'.")
-    student_samples: int = Field(4, ge=1, description="Student samples per prompt (guided, on-policy, self-distill).")
-    student_temperature: float = Field(1.0, ge=0, description="Student sampling temperature (guided, on-policy, self-distill; "
-                                       "0 = greedy).")
+    student_samples: int = Field(4, ge=1, description="Student samples per prompt (guided, on-policy, self-distill; grpo and "
+                                 "visd: the group size G).")
+    student_temperature: float = Field(1.0, ge=0, description="Student sampling temperature (guided, on-policy, self-distill, "
+                                       "grpo, visd; 0 = greedy).")
     gkd_lambda: float = Field(
         1.0, ge=0, le=1, validation_alias=AliasChoices("gkd_lambda", "lambda"),
         description="on-policy, self-distill: the probability that a micro-batch is the student's own samples; otherwise it "
@@ -134,6 +139,23 @@ class TrainConfig(BaseModel):
         "{prompt}, {reference} (its completion), {answer}, the student's {completion}, the verifier's {verdict} (correct / "
         "incorrect; needs --verifier) or the judge's {feedback} (rubric scores; needs --judge).",
     )
+    visd_judge: Literal["rules", "model"] = Field(
+        "rules", description="visd: who scores each rollout's quality dimensions: rules (correctness by the verifier, "
+        "consistency: it states an answer the verifier reads, grounding: the reference answer's characters it matches in "
+        "place) or model (the --judge endpoint on each --judge-rubric dimension).",
+    )
+    visd_teacher_prompt: str = Field(
+        "Feedback on the answer: {feedback}\n{prompt}", description="visd: the privileged prompt the teacher scores each "
+        "rollout after; the fields of privileged_template, {feedback} being the judge's scores ('consistency: 1.00; "
+        "correctness: 0.00; grounding: 0.67').",
+    )
+    visd_clip: float = Field(0.5, ge=0, le=1, description="visd: per-token magnitudes are clipped to [1 - visd_clip, "
+                             "1 + visd_clip] (0 = grpo).")
+    curriculum: Literal["none", "pass-rate"] = Field(
+        "none", description="grpo, visd: pass-rate draws curriculum_pool x batch_size prompts per micro-batch and trains on "
+        "the batch_size the student passes most often without having mastered them (easy first; unseen prompts count as 0.5).",
+    )
+    curriculum_pool: int = Field(4, ge=1, description="Prompts drawn per trained prompt by --curriculum pass-rate.")
     gate_lr: float = Field(1e-2, gt=0, description="Learning rate of the routing gate (--route gate).")
     gate_balance: float = Field(0.01, ge=0, description="Weight of the gate's load-balancing term (--route gate).")
     adversarial_weight: float = Field(
@@ -238,18 +260,18 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"judge rubric {dimension!r} must contain '{{completion}}'")
         return rubrics
 
-    @field_validator("privileged_template")
+    @field_validator("privileged_template", "visd_teacher_prompt")
     @classmethod
-    def _template_names_known_fields(cls, template: str) -> str:
+    def _template_names_known_fields(cls, template: str, info: ValidationInfo) -> str:
         named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
         unknown = sorted(named - set(PRIVILEGED_FIELDS))
         if unknown:
-            raise ValueError(f"privileged_template names {{{unknown[0]}}}; it may use {', '.join(PRIVILEGED_FIELDS)}")
+            raise ValueError(f"{info.field_name} names {{{unknown[0]}}}; it may use {', '.join(PRIVILEGED_FIELDS)}")
         return template
 
     @model_validator(mode="after")
     def _settings_fit_the_method(self) -> TrainConfig:
-        if self.method != "sft" and not self.teachers and not self.teacher_cache:
+        if self.method not in ("sft", "grpo") and not self.teachers and not self.teacher_cache:
             raise ValueError(f"method {self.method!r} needs at least one --teacher or a --teacher-cache")
         if self.cache_miss == "live" and not (self.teachers and self.teacher_cache):
             raise ValueError("cache_miss 'live' needs a --teacher-cache and --teacher endpoints to answer what it lacks")
@@ -259,7 +281,7 @@ class TrainConfig(BaseModel):
             self.route = "tags" if self.method == "multi-sample" else "mixture"
         needs_verifier = [
             why for why, applies in (
-                ("method guided", self.method == "guided"),
+                (f"method {self.method}", self.method in ("guided", *RL_METHODS)),
                 ("reward_weight", self.reward_weight > 0),
                 ("privileged_template {verdict}", self.method == "self-distill" and "{verdict}" in self.privileged_template),
                 (f"select {self.select}", self.select in ("verifier", "majority")),
@@ -275,6 +297,7 @@ class TrainConfig(BaseModel):
         if self.adversarial_weight and self.method != "multi-sample":
             raise ValueError("adversarial_weight applies to method multi-sample")
         self._check_on_policy()
+        self._check_rl()
         self._check_self_teacher()
         self._check_sharding()
         return self
@@ -294,12 +317,25 @@ class TrainConfig(BaseModel):
         if self.method == "self-distill" and "{feedback}" in self.privileged_template and not self.judges:
             raise ValueError("privileged_template {feedback} needs a judge endpoint: --judge URL")
 
+    def _check_rl(self) -> None:
+        if self.curriculum != "none" and self.method not in RL_METHODS:
+            raise ValueError(f"curriculum {self.curriculum!r} orders the prompts of grpo and visd, not of {self.method}")
+        if self.method == "grpo" and self.teachers:
+            raise ValueError("method grpo learns from the verifier reward alone; it takes no --teacher")
+        if self.method != "visd":
+            return
+        if len(self.teachers) != 1 or self.teacher_cache:
+            raise ValueError("method visd scores rollouts with one live teacher: --teacher ema (or self, lagged, or a "
+                             "teacher with the student's tokenizer)")
+        if self.visd_judge == "model" and not self.judges:
+            raise ValueError("visd_judge model needs a judge endpoint: --judge URL")
+
     def _check_sharding(self) -> None:
         if self.sharding == "none":
             return
         # A sharded forward pass is a collective: every process must run the same passes, which
         # student sampling (different lengths per process) does not.
-        rollouts = (f"method {self.method}" if self.method in ("guided", *ON_POLICY_METHODS)
+        rollouts = (f"method {self.method}" if self.method in ("guided", *ON_POLICY_METHODS, *RL_METHODS)
                     else "adversarial_weight" if self.adversarial_weight else None)
         if rollouts:
             raise ValueError(f"sharding fsdp needs every process to run the same forward passes; {rollouts} samples from the student")

@@ -8,6 +8,13 @@ for the log-probability of two fixed continuations of the rendered rubric, `judg
 
 where log P(·) sums the continuation's token log-probs. Every dimension of every candidate
 goes in one scoring request (2 sequences each), and no generated text is parsed.
+
+`rule_scores` judges without a model, from the verifier and the row's reference answer (the
+dimensions VISD's feedback names; each in [0, 1]):
+- correctness: 1 if the verifier accepts the completion, else 0;
+- consistency: 1 if the completion states an answer the verifier's extractor can read, else 0;
+- grounding: the characters the stated answer (the stripped completion) matches in place in the
+  reference, over the longer of the two: "083" against "082" is 2/3, "0822" 3/4.
 """
 
 from __future__ import annotations
@@ -27,6 +34,20 @@ def yes_probability(logp_yes: float, logp_no: float) -> float:
     if difference >= 0:
         return 1.0 / (1.0 + math.exp(-difference))
     return math.exp(difference) / (1.0 + math.exp(difference))
+
+
+RULE_DIMENSIONS = ("correctness", "consistency", "grounding")
+
+
+def rule_scores(completion: str, answer: str, verify, extract) -> dict[str, float]:
+    """The rule-based judge's scores of `completion` against the reference `answer` (see above)."""
+    stated, reference = completion.strip(), answer.strip()
+    matched = sum(a == b for a, b in zip(stated, reference))
+    return {
+        "correctness": float(verify(completion, answer)),
+        "consistency": float(extract(completion) is not None),
+        "grounding": matched / max(len(reference), len(stated), 1),
+    }
 
 
 class Judge:

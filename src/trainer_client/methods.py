@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from trainer_client.adversarial import AdversarialTerm
+from trainer_client.checkpoints import CheckpointPart
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.losses import mix_teachers, mix_token_logprobs
@@ -39,7 +40,6 @@ from trainer_client.judges import JUDGE_TAG
 from trainer_client.routing import Router
 from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.selection import Selector
-from trainer_client.side_model import SideModel
 from trainer_client.source import TeacherSource
 from trainer_client.student import StudentView
 from trainer_client.student_loss import Batch, final_hidden_states, weighted_loss_sum, weighted_loss_sum_from_hidden
@@ -72,6 +72,7 @@ class Method:
     """The stages; subclasses override `annotate` (and any other stage they need)."""
 
     uses_student = False  # True: `rollout` needs the current student, so batches are not prepared ahead
+    draw_factor = 1  # rows drawn per micro-batch, in batch sizes (a curriculum draws more and picks)
 
     def __init__(self, config: TrainConfig, tokens: StudentTokens, source: TeacherSource | None):
         self.config = config
@@ -82,8 +83,8 @@ class Method:
         self.router = Router(config, tokens, source, teachers) if teachers else None
         self.selector = Selector(config, tokens, source, self.stats)
 
-    def checkpoint_parts(self) -> list[SideModel]:
-        """The models this method trains beside the student, which checkpoints keep."""
+    def checkpoint_parts(self) -> list[CheckpointPart]:
+        """The models (and other state) this method keeps beside the student, which checkpoints keep."""
         return [self.router.gate.model] if self.router and self.router.gate else []
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
@@ -132,7 +133,7 @@ class SampledTargets(Method):
         self.adversarial = AdversarialTerm(self.stats) if config.adversarial_weight > 0 else None
         self.uses_student = self.adversarial is not None
 
-    def checkpoint_parts(self) -> list[SideModel]:
+    def checkpoint_parts(self) -> list[CheckpointPart]:
         return super().checkpoint_parts() + ([self.adversarial.model] if self.adversarial else [])
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:

@@ -32,6 +32,8 @@ class Example:
     own: bool = False  # the student's own sample: seen by the adversarial discriminator, never a target
     teacher_token_logprobs: np.ndarray | None = None  # float [len(target_ids)]: the teachers' log-prob of each target token
     reward: float = 0.0  # a sequence reward (the verifier's), spread over its tokens by the policy-gradient update
+    # Policy-gradient methods: each target token's advantage; the loss is then -advantage x its log-prob.
+    advantages: np.ndarray | None = None  # float [len(target_ids)]
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Candidate:
     teacher_token_logprobs: np.ndarray | None = None  # float [len(fitted target)]: of the candidate's own tokens
     reward: float = 0.0
     teacher_prompt_ids: list[int] | None = None  # what teachers score it after, when not the group's prompt (privileged context)
+    student_token_logprobs: np.ndarray | None = None  # float [len(fitted target)]: the student's own, when it sampled it
+    advantages: np.ndarray | None = None  # float [len(fitted target)], set by a policy-gradient method's select
 
 
 @dataclass
@@ -72,7 +76,7 @@ class PromptGroup:
         """The candidates with a positive weight, as weighted examples."""
         return [
             Example(*tokens.fit(self.prompt_ids, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs,
-                    teacher_token_logprobs=c.teacher_token_logprobs, reward=c.reward)
+                    teacher_token_logprobs=c.teacher_token_logprobs, reward=c.reward, advantages=c.advantages)
             for c in self.candidates
             if c.weight > 0 and c.target_ids
         ]

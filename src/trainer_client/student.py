@@ -9,6 +9,7 @@ draws the same samples.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,14 +55,17 @@ class StudentView:
             ids = [t for t in ids if t != pad]
         return Candidate(target_ids=ids, text=self.tokens.text(ids), author=STUDENT)
 
-    @torch.no_grad()
     def mean_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """The student's mean log-prob per target token of each (prompt ids, target ids) pair."""
+        return [float(logprobs.mean()) if len(logprobs) else 0.0 for logprobs in self.token_logprobs(pairs)]
+
+    @torch.no_grad()
+    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        """The student's log-prob of each target token [len(target)] of each (prompt ids, target ids) pair."""
         batch = collate([Example(p, t) for p, t in pairs], self.tokens.tokenizer.pad_token_id or 0).to(self.device)
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
         token_logprobs = -F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")  # [B, T - 1]
-        mask = batch.target_mask.float()
-        return ((token_logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        return [row[mask].cpu().numpy() for row, mask in zip(token_logprobs, batch.target_mask)]
 
     @torch.no_grad()
     def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -40,6 +40,7 @@ class Batch:
     teacher_logprobs: torch.Tensor | None  # [B, T - 1, K]
     teacher_token_logprobs: torch.Tensor | None = None  # [B, T - 1]: the teachers' log-prob of each label (target positions)
     rewards: torch.Tensor | None = None  # [B, T - 1]: the example's sequence reward at its target positions, else 0
+    advantages: torch.Tensor | None = None  # [B, T - 1] float: policy-gradient advantage per target position, else 0
 
     def to(self, device: torch.device) -> Batch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -60,6 +61,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     teacher_logprobs = torch.full((len(examples), width - 1, k), float("-inf"))
     teacher_token_logprobs = torch.zeros((len(examples), width - 1))
     rewards = torch.zeros((len(examples), width - 1))
+    has_advantages = examples[0].advantages is not None
+    advantages = torch.zeros((len(examples), width - 1))
     for row, example in enumerate(examples):
         sequence = example.prompt_ids + example.target_ids
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
@@ -70,6 +73,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         rewards[row, span] = example.reward
         if has_token_logprobs:
             teacher_token_logprobs[row, span] = torch.from_numpy(example.teacher_token_logprobs.astype(np.float32))
+        if has_advantages:
+            advantages[row, span] = torch.from_numpy(example.advantages.astype(np.float32))
         if has_teacher:
             width_k = example.teacher_ids.shape[1]
             teacher_ids[row, span, :width_k] = torch.from_numpy(example.teacher_ids.astype(np.int64))
@@ -85,6 +90,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         teacher_logprobs=teacher_logprobs if has_teacher else None,
         teacher_token_logprobs=teacher_token_logprobs if has_token_logprobs else None,
         rewards=rewards,
+        advantages=advantages if has_advantages else None,
     )
 
 
@@ -163,23 +169,28 @@ def weighted_loss_sum_from_hidden(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`weighted_loss_sum` given the final hidden states [B, T, H].
 
+    With `batch.advantages` (policy-gradient methods) a position's loss is its advantage times its
+    cross-entropy, -A_t · log q(y_t), logged as the part `pg` beside the plain `ce`.
     The output layer runs on `config.loss_chunk_size` positions at a time, checkpointed, so the
     largest tensor alive is one chunk's [chunk, V] logits (with its log-softmax), never [B, T, V].
     """
     hidden = hidden[:, :-1]  # [B, T - 1, H], aligned with labels
     keep = batch.weights > 0  # [B, T - 1]
     h, labels, weights = hidden[keep], batch.labels[keep], batch.weights[keep]  # [N, H], [N], [N]
-    teacher = [t[keep] if t is not None else None for t in (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_token_logprobs, batch.rewards)]
+    per_position = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_token_logprobs, batch.rewards, batch.advantages)
+    teacher = [t[keep] if t is not None else None for t in per_position]
     head = unwrapped.get_output_embeddings()
     total = h.new_zeros(())
     parts: dict[str, float] = {}
     for start in range(0, len(labels), config.loss_chunk_size):
         chunk = slice(start, start + config.loss_chunk_size)
-        ids, logprobs, token_logprobs, rewards = (t[chunk] if t is not None else None for t in teacher)
+        ids, logprobs, token_logprobs, rewards, advantages = (t[chunk] if t is not None else None for t in teacher)
 
         def chunk_sums(h_chunk, w=weights[chunk], y=labels[chunk], ids=ids, logprobs=logprobs, token_logprobs=token_logprobs,
-                       rewards=rewards):
+                       rewards=rewards, advantages=advantages):
             loss, chunk_parts = token_losses(head(h_chunk), y, ids, logprobs, config, token_logprobs, rewards)
+            if advantages is not None:  # a policy-gradient method's own per-token advantages (grpo, visd)
+                loss = chunk_parts["pg"] = policy_gradient_loss(-chunk_parts["ce"], advantages)
             return (w * loss).sum(), {name: (w * part).sum() for name, part in chunk_parts.items()}
 
         # No randomness inside, so no RNG state to save and restore (restoring it would also reset

@@ -66,10 +66,12 @@ from trainer_client.student_model import load_student, save_student, trainable_p
 from trainer_client.teachers import TeacherClientError
 from trainer_client.tracking import MetricsLog, accelerator_tracking, finish_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
+from trainer_client.visd import GRPO, VISD
 
 METHODS: dict[str, type[Method]] = {
     "sft": SFT, "seq-kd": SampledTargets, "multi-sample": SampledTargets, "logit-kd": LogitKD, "guided": Guided,
     "on-policy": OnPolicy, "self-distill": SelfDistill,
+    "grpo": GRPO, "visd": VISD,
 }
 
 
@@ -371,7 +373,7 @@ class Prefetcher:
 
     def _rows(self, micro: int):
         # Each process takes its own slice of the global micro-batch.
-        return rows_for_step(self.data, micro * self.world + self.rank, self.config.batch_size, self.config.seed)
+        return rows_for_step(self.data, micro * self.world + self.rank, self.config.batch_size * self.method.draw_factor, self.config.seed)
 
     def _submit(self, micro: int) -> None:
         if micro not in self.pending and micro < self.config.steps * self.config.grad_accum:
