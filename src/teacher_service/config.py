@@ -20,6 +20,7 @@ from potstill.devices import DEVICE_HELP, DEVICE_PATTERN
 from teacher_service.backends import BACKENDS
 from teacher_service.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from teacher_service.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
+from teacher_service.media import MediaLimits
 from teacher_service.protocol import CHARS_PER_TOKEN_BOUND, Limits
 
 ENV_PREFIX = "POTSTILL_"
@@ -68,6 +69,16 @@ class ServeOptions(BaseModel):
     max_prompt_chars: int | None = Field(
         None, ge=1, description=f"Most characters of a text prompt or completion, checked before tokenising "
         f"(none: {CHARS_PER_TOKEN_BOUND} x the context length).",
+    )
+    max_images: int = Field(MediaLimits.max_images, ge=0, description="Most images one request may carry (vision models), over all its prompts.")
+    max_videos: int = Field(MediaLimits.max_videos, ge=0, description="Most videos one request may carry (vision models).")
+    max_video_frames: int = Field(MediaLimits.max_video_frames, ge=1, description="Most frames of one video.")
+    max_image_pixels: int = Field(
+        MediaLimits.max_image_pixels, ge=1, le=2**28, description="Most pixels (width x height) of one image or frame, "
+        "checked from the file's header before anything is decoded.",
+    )
+    allowed_local_media_path: str | None = Field(
+        None, description="Directory whose files prompts may name as file: URLs (images, animated videos); none: only data: URLs.",
     )
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest HTTP request body.")
     body_timeout_seconds: float = Field(

@@ -58,7 +58,8 @@ class OpenAICompat:
         return _envelope("cmpl", "text_completion", self.service.settings.model, choices, len(prompt_ids), completion_tokens)
 
     async def chat_completions(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        prompt_ids = await self.service.prompt_ids(request.messages)
+        prompt = await self.service.prompt_input(request.messages, "messages")  # images and videos included
+        prompt_ids = prompt.ids
         max_tokens = request.max_completion_tokens or request.max_tokens or 16
         self._check_fits(prompt_ids, max_tokens, "messages")
         generate = self.service.parse(
@@ -73,7 +74,7 @@ class OpenAICompat:
                 "top_logprobs": request.top_logprobs or 0,
             },
         )
-        samples = (await self.service.generate(generate)).results[0].samples
+        samples = (await self.service.generate(generate, [prompt])).results[0].samples
         choices = [
             {
                 "index": index,

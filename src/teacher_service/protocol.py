@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from teacher_service.errors import from_validation_error
+from teacher_service.media import ContentPart
 
 
 # A text longer than this many characters per context token cannot fit the context in practice.
@@ -78,8 +79,12 @@ def _short_enough(text: str, info: ValidationInfo) -> str:
     return text
 
 
+def _text_of(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content if part.type == "text")
+
+
 def _chat_short_enough(messages: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
-    _short_enough("".join(message.content for message in messages), info)
+    _short_enough("".join(_text_of(message.content) for message in messages), info)
     return messages
 
 
@@ -103,9 +108,17 @@ SamplingTemperature = Annotated[float, Field(ge=0, le=100), AfterValidator(_zero
 NoStream = Annotated[bool, AfterValidator(_not_streamed)]
 
 
+def _content_kind(value: Any) -> str | None:
+    return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    # Text, or content parts: text, images and videos (`teacher_service.media`).
+    content: Annotated[
+        Union[Annotated[str, Tag("text")], Annotated[list[ContentPart], Field(min_length=1), Tag("parts")]],
+        Discriminator(_content_kind, custom_error_type="invalid_form", custom_error_message="must be text or a list of content parts"),
+    ]
 
 
 ChatPrompt = Annotated[list[ChatMessage], Field(min_length=1), AfterValidator(_chat_short_enough)]
@@ -129,7 +142,7 @@ def _one_of(*forms: tuple[str, Any]) -> Any:
     ]
 
 
-INPUT_FORMS = ("text", "token_ids", "chat")
+INPUT_FORMS = ("text", "token_ids", "chat", "parts")
 # A prompt: raw text, token ids, or chat turns rendered with the model's chat template.
 Prompt = _one_of(("text", NonEmptyText), ("token_ids", TokenIdList), ("chat", ChatPrompt))
 # A completion to score: raw text or token ids.
@@ -276,6 +289,7 @@ class ModelInfo(BaseModel):
     eos_token_id: int
     max_batch: int
     model_version: int = 0  # 0: unknown (a server that does not version its weights)
+    accepts_media: bool = False  # prompts may hold images and videos
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from teacher_service.backends.base import Backend, GenerateItem, SamplingParams, ScoreItem
+from teacher_service.backends.base import Backend, GenerateItem, PromptInput, SamplingParams, ScoreItem
 from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded, TeacherError
+from teacher_service.media import MediaCount, MediaLimits, has_media, resolve_chat
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.protocol import (
     ChatMessage,
@@ -85,6 +86,15 @@ class ServiceSettings:
     max_batch: int = Limits.max_batch
     max_queued_requests: int = 64
     max_prompt_chars: int | None = None
+    max_images: int = MediaLimits.max_images
+    max_videos: int = MediaLimits.max_videos
+    max_video_frames: int = MediaLimits.max_video_frames
+    max_image_pixels: int = MediaLimits.max_image_pixels
+    allowed_local_media_path: str | None = None
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(self.max_images, self.max_videos, self.max_video_frames, self.max_image_pixels, self.allowed_local_media_path)
 
 
 class TeacherService:
@@ -165,29 +175,32 @@ class TeacherService:
             tokenizer_fingerprint=description.tokenizer_fingerprint,
             eos_token_id=description.eos_token_id,
             model_version=self._backend.model_version,
+            accepts_media=description.accepts_media,
             **asdict(self.limits),  # what the teacher enforces is what it reports
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         backend = self._require_backend()
-        items = [
-            ScoreItem(
-                await self.prompt_ids(s.prompt), await self._completion_ids(s.completion),
-                request.top_logprobs, request.temperature,
-            )
-            for s in request.sequences
-        ]
+        count = MediaCount()
+        items = []
+        for index, s in enumerate(request.sequences):
+            prompt = await self.prompt_input(s.prompt, f"sequences.{index}.prompt", count)
+            completion = await self._completion_ids(s.completion)
+            items.append(ScoreItem(prompt.ids, completion, request.top_logprobs, request.temperature, prompt.media))
         for index, item in enumerate(items):
             self._check_length(len(item.prompt_ids) + len(item.completion_ids), f"sequences.{index}")
         results = await self._run("score", lambda: backend.score(items))
         self.metrics.tokens_scored.inc(sum(len(item.completion_ids) for item in items))
         return ScoreResponse(results=[r.with_logprobs_dtype(request.logprobs_dtype) for r in results])
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, prompts: list[PromptInput] | None = None) -> GenerateResponse:
+        """n samples per prompt; `prompts`: the request's prompts already resolved (`prompt_input`)."""
         backend = self._require_backend()
-        prompts = [await self.prompt_ids(prompt) for prompt in request.prompts]
+        if prompts is None:
+            count = MediaCount()
+            prompts = [await self.prompt_input(prompt, f"prompts.{index}", count) for index, prompt in enumerate(request.prompts)]
         for index, prompt in enumerate(prompts):
-            self._check_length(len(prompt) + request.max_tokens, f"prompts.{index}")
+            self._check_length(len(prompt.ids) + request.max_tokens, f"prompts.{index}")
         params = SamplingParams(
             n=request.n,
             max_tokens=request.max_tokens,
@@ -196,7 +209,7 @@ class TeacherService:
             seed=request.seed,
             top_logprobs=request.top_logprobs,
         )
-        results = await self._run("generate", lambda: backend.generate([GenerateItem(prompt, params) for prompt in prompts]))
+        results = await self._run("generate", lambda: backend.generate([GenerateItem(p.ids, params, p.media) for p in prompts]))
         self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in results for s in r.samples))
         return GenerateResponse(results=[
             replace(r, samples=[s.with_logprobs_dtype(request.logprobs_dtype) for s in r.samples]) for r in results
@@ -234,8 +247,22 @@ class TeacherService:
         if isinstance(prompt, str):
             return await asyncio.to_thread(backend.encode, prompt)
         if isinstance(prompt[0], ChatMessage):
-            return await asyncio.to_thread(backend.encode_chat, [message.model_dump() for message in prompt])
+            return (await self.prompt_input(prompt, "prompt")).ids
         return prompt
+
+    async def prompt_input(self, prompt: str | list, field: str, count: MediaCount | None = None) -> PromptInput:
+        """A prompt's token ids and, for chat turns holding pictures, its decoded media (refused at
+        `field` by a model that takes none); `count` tallies the media of one request against its limits."""
+        backend = self._require_backend()
+        if not (isinstance(prompt, list) and isinstance(prompt[0], ChatMessage)):
+            return PromptInput(await self.prompt_ids(prompt))
+        if has_media(prompt) and not backend.description.accepts_media:
+            raise InvalidRequest("this teacher's model takes no images or videos", field=field)
+        chat = await asyncio.to_thread(resolve_chat, prompt, field, self.settings.media_limits, count or MediaCount())
+        media = chat.media()
+        if media is None:
+            return PromptInput(await asyncio.to_thread(backend.encode_chat, chat.messages))
+        return PromptInput(*await asyncio.to_thread(backend.encode_chat_media, chat.messages, media))
 
     async def _completion_ids(self, completion: str | list[int]) -> list[int]:
         if isinstance(completion, str):

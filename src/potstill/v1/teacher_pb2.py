@@ -24,53 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19potstill/v1/teacher.proto\x12\x0bpotstill.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.potstill.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.potstill.v1.ChatMessage\"w\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.potstill.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xfc\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x06 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\"a\n\rScoreSequence\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Prompt\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.potstill.v1.Completion\"\xc1\x01\n\x0cScoreRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.potstill.v1.ScoreSequence\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0elogprobs_dtype\x18\x04 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x11\n\x0f_logprobs_dtype\"\x8e\x02\n\x0eScoredSequence\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12(\n\x0btoken_ranks\x18\x07 \x01(\x0b\x32\x13.potstill.v1.Tensor\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.ScoredSequence\"\x99\x05\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Prompt\x12\x0e\n\x01n\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12/\n\x0elogprobs_dtype\x18\x08 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12\x17\n\nignore_eos\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_logprobs_dtypeB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokens\"\xab\x02\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x05 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bstop_string\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_stop_token_idB\x0e\n\x0c_stop_string\"d\n\x0eGenerateResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"@\n\x10GenerateResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.GenerateResult\"b\n\x12LoadWeightsRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x1b\n\x11safetensors_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x42\x08\n\x06source\"N\n\x13LoadWeightsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\xd9\x01\n\x07Teacher\x12\x45\n\x0cGetModelInfo\x12\x1d.potstill.v1.ModelInfoRequest\x1a\x16.potstill.v1.ModelInfo\x12>\n\x05Score\x12\x19.potstill.v1.ScoreRequest\x1a\x1a.potstill.v1.ScoreResponse\x12G\n\x08Generate\x12\x1c.potstill.v1.GenerateRequest\x1a\x1d.potstill.v1.GenerateResponse2b\n\x0cTeacherAdmin\x12R\n\x0bLoadWeights\x12\x1f.potstill.v1.LoadWeightsRequest\x1a .potstill.v1.LoadWeightsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19potstill/v1/teacher.proto\x12\x0bpotstill.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.potstill.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"6\n\x0bMediaSource\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"^\n\x05Video\x12(\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x18.potstill.v1.MediaSource\x12+\n\tanimation\x18\x02 \x01(\x0b\x32\x18.potstill.v1.MediaSource\"u\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x05image\x18\x02 \x01(\x0b\x32\x18.potstill.v1.MediaSourceH\x00\x12#\n\x05video\x18\x03 \x01(\x0b\x32\x12.potstill.v1.VideoH\x00\x42\x06\n\x04kind\"U\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\x05parts\x18\x03 \x03(\x0b\x32\x18.potstill.v1.ContentPart\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.potstill.v1.ChatMessage\"w\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.potstill.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.potstill.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\x93\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_samples\x18\x06 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x08 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x05\x12\x11\n\tmax_batch\x18\n \x01(\x05\x12\x15\n\rmodel_version\x18\x0b \x01(\x03\x12\x15\n\raccepts_media\x18\x0c \x01(\x08\"a\n\rScoreSequence\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Prompt\x12+\n\ncompletion\x18\x02 \x01(\x0b\x32\x17.potstill.v1.Completion\"\xc1\x01\n\x0cScoreRequest\x12-\n\tsequences\x18\x01 \x03(\x0b\x32\x1a.potstill.v1.ScoreSequence\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0elogprobs_dtype\x18\x04 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x11\n\x0f_logprobs_dtype\"\x8e\x02\n\x0eScoredSequence\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12(\n\x0btoken_ranks\x18\x07 \x01(\x0b\x32\x13.potstill.v1.Tensor\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.ScoredSequence\"\x99\x05\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Prompt\x12\x0e\n\x01n\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12/\n\x0elogprobs_dtype\x18\x08 \x01(\x0e\x32\x12.potstill.v1.DTypeH\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12\x17\n\nignore_eos\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_logprobs_dtypeB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokens\"\xab\x02\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12+\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12$\n\x07top_ids\x18\x04 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12)\n\x0ctop_logprobs\x18\x05 \x01(\x0b\x32\x13.potstill.v1.Tensor\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1a\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bstop_string\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_stop_token_idB\x0e\n\x0c_stop_string\"d\n\x0eGenerateResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.potstill.v1.Sample\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"@\n\x10GenerateResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.potstill.v1.GenerateResult\"b\n\x12LoadWeightsRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x1b\n\x11safetensors_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x42\x08\n\x06source\"N\n\x13LoadWeightsResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x32\xd9\x01\n\x07Teacher\x12\x45\n\x0cGetModelInfo\x12\x1d.potstill.v1.ModelInfoRequest\x1a\x16.potstill.v1.ModelInfo\x12>\n\x05Score\x12\x19.potstill.v1.ScoreRequest\x1a\x1a.potstill.v1.ScoreResponse\x12G\n\x08Generate\x12\x1c.potstill.v1.GenerateRequest\x1a\x1d.potstill.v1.GenerateResponse2b\n\x0cTeacherAdmin\x12R\n\x0bLoadWeights\x12\x1f.potstill.v1.LoadWeightsRequest\x1a .potstill.v1.LoadWeightsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'potstill.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2674
-  _globals['_DTYPE']._serialized_end=2759
+  _globals['_DTYPE']._serialized_start=3009
+  _globals['_DTYPE']._serialized_end=3094
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=114
   _globals['_TOKENIDS']._serialized_start=116
   _globals['_TOKENIDS']._serialized_end=139
-  _globals['_CHATMESSAGE']._serialized_start=141
-  _globals['_CHATMESSAGE']._serialized_end=185
-  _globals['_CHATMESSAGES']._serialized_start=187
-  _globals['_CHATMESSAGES']._serialized_end=245
-  _globals['_PROMPT']._serialized_start=247
-  _globals['_PROMPT']._serialized_end=366
-  _globals['_COMPLETION']._serialized_start=368
-  _globals['_COMPLETION']._serialized_end=448
-  _globals['_MODELINFOREQUEST']._serialized_start=450
-  _globals['_MODELINFOREQUEST']._serialized_end=468
-  _globals['_MODELINFO']._serialized_start=471
-  _globals['_MODELINFO']._serialized_end=723
-  _globals['_SCORESEQUENCE']._serialized_start=725
-  _globals['_SCORESEQUENCE']._serialized_end=822
-  _globals['_SCOREREQUEST']._serialized_start=825
-  _globals['_SCOREREQUEST']._serialized_end=1018
-  _globals['_SCOREDSEQUENCE']._serialized_start=1021
-  _globals['_SCOREDSEQUENCE']._serialized_end=1291
-  _globals['_SCORERESPONSE']._serialized_start=1293
-  _globals['_SCORERESPONSE']._serialized_end=1354
-  _globals['_GENERATEREQUEST']._serialized_start=1357
-  _globals['_GENERATEREQUEST']._serialized_end=2022
-  _globals['_SAMPLE']._serialized_start=2025
-  _globals['_SAMPLE']._serialized_end=2324
-  _globals['_GENERATERESULT']._serialized_start=2326
-  _globals['_GENERATERESULT']._serialized_end=2426
-  _globals['_GENERATERESPONSE']._serialized_start=2428
-  _globals['_GENERATERESPONSE']._serialized_end=2492
-  _globals['_LOADWEIGHTSREQUEST']._serialized_start=2494
-  _globals['_LOADWEIGHTSREQUEST']._serialized_end=2592
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=2594
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=2672
-  _globals['_TEACHER']._serialized_start=2762
-  _globals['_TEACHER']._serialized_end=2979
-  _globals['_TEACHERADMIN']._serialized_start=2981
-  _globals['_TEACHERADMIN']._serialized_end=3079
+  _globals['_MEDIASOURCE']._serialized_start=141
+  _globals['_MEDIASOURCE']._serialized_end=195
+  _globals['_VIDEO']._serialized_start=197
+  _globals['_VIDEO']._serialized_end=291
+  _globals['_CONTENTPART']._serialized_start=293
+  _globals['_CONTENTPART']._serialized_end=410
+  _globals['_CHATMESSAGE']._serialized_start=412
+  _globals['_CHATMESSAGE']._serialized_end=497
+  _globals['_CHATMESSAGES']._serialized_start=499
+  _globals['_CHATMESSAGES']._serialized_end=557
+  _globals['_PROMPT']._serialized_start=559
+  _globals['_PROMPT']._serialized_end=678
+  _globals['_COMPLETION']._serialized_start=680
+  _globals['_COMPLETION']._serialized_end=760
+  _globals['_MODELINFOREQUEST']._serialized_start=762
+  _globals['_MODELINFOREQUEST']._serialized_end=780
+  _globals['_MODELINFO']._serialized_start=783
+  _globals['_MODELINFO']._serialized_end=1058
+  _globals['_SCORESEQUENCE']._serialized_start=1060
+  _globals['_SCORESEQUENCE']._serialized_end=1157
+  _globals['_SCOREREQUEST']._serialized_start=1160
+  _globals['_SCOREREQUEST']._serialized_end=1353
+  _globals['_SCOREDSEQUENCE']._serialized_start=1356
+  _globals['_SCOREDSEQUENCE']._serialized_end=1626
+  _globals['_SCORERESPONSE']._serialized_start=1628
+  _globals['_SCORERESPONSE']._serialized_end=1689
+  _globals['_GENERATEREQUEST']._serialized_start=1692
+  _globals['_GENERATEREQUEST']._serialized_end=2357
+  _globals['_SAMPLE']._serialized_start=2360
+  _globals['_SAMPLE']._serialized_end=2659
+  _globals['_GENERATERESULT']._serialized_start=2661
+  _globals['_GENERATERESULT']._serialized_end=2761
+  _globals['_GENERATERESPONSE']._serialized_start=2763
+  _globals['_GENERATERESPONSE']._serialized_end=2827
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=2829
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=2927
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=2929
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=3007
+  _globals['_TEACHER']._serialized_start=3097
+  _globals['_TEACHER']._serialized_end=3314
+  _globals['_TEACHERADMIN']._serialized_start=3316
+  _globals['_TEACHERADMIN']._serialized_end=3414
 # @@protoc_insertion_point(module_scope)

@@ -34,13 +34,41 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class MediaSource(_message.Message):
+    __slots__ = ("data", "url")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    url: str
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ...) -> None: ...
+
+class Video(_message.Message):
+    __slots__ = ("frames", "animation")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[MediaSource]
+    animation: MediaSource
+    def __init__(self, frames: _Optional[_Iterable[_Union[MediaSource, _Mapping]]] = ..., animation: _Optional[_Union[MediaSource, _Mapping]] = ...) -> None: ...
+
+class ContentPart(_message.Message):
+    __slots__ = ("text", "image", "video")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: MediaSource
+    video: Video
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[MediaSource, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "parts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
@@ -71,7 +99,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch", "model_version")
+    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch", "model_version", "accepts_media")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +111,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_MEDIA_FIELD_NUMBER: _ClassVar[int]
     model: str
     backend: str
     vocab_size: int
@@ -94,7 +123,8 @@ class ModelInfo(_message.Message):
     eos_token_id: int
     max_batch: int
     model_version: int
-    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    accepts_media: bool
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ..., model_version: _Optional[int] = ..., accepts_media: _Optional[bool] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
     __slots__ = ("prompt", "completion")

@@ -1,7 +1,8 @@
 """The small protocol every backend implements.
 
-A backend sees token ids only: the service resolves text and chat prompts with the backend's
-tokenizer helpers and checks every limit before a backend is called. `score` and `generate` are
+A backend sees token ids (and, for a vision model, the decoded pictures of a prompt): the service
+resolves text and chat prompts with the backend's tokenizer helpers and checks every limit before
+a backend is called. `score` and `generate` are
 coroutines and every item carries its own settings (k, temperature, sampling), so a backend owns
 its scheduling: the HF backend gathers concurrent requests' items into shared forward passes on
 its own worker thread (`teacher_service.batching`), an engine such as vLLM schedules them itself.
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, ScoredSequence
 
 # What a sampled token's log-probs describe: the model's own distribution ("raw", as vLLM's
@@ -45,6 +47,15 @@ class ModelDescription:
     max_model_len: int
     eos_token_id: int  # -1 where the tokenizer has none
     tokenizer_fingerprint: str
+    accepts_media: bool = False  # a vision model: prompts may hold images and videos
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """A resolved prompt: its token ids (placeholders expanded) and its pictures, if any."""
+
+    ids: list[int]
+    media: PromptMedia | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class ScoreItem:
     completion_ids: list[int]
     top_logprobs: int = 0
     temperature: float = 1.0
+    media: PromptMedia | None = None  # the prompt's pictures (prompt_ids hold their expanded placeholders)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ class SamplingParams:
 class GenerateItem:
     prompt_ids: list[int]
     params: SamplingParams
+    media: PromptMedia | None = None
 
 
 class Backend(Protocol):
@@ -84,6 +97,11 @@ class Backend(Protocol):
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of chat turns rendered with the chat template and a generation prompt."""
+
+    def encode_chat_media(self, messages: list[dict[str, Any]], media: PromptMedia) -> tuple[list[int], PromptMedia]:
+        """Token ids of chat turns holding pictures (`{"type": "image"}` / `{"type": "video"}` parts,
+        in the order of `media`), and the media as the backend will take them; `InvalidRequest`
+        where the model takes no pictures."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids, special tokens removed unless `skip_special_tokens` is False."""

@@ -1,21 +1,26 @@
-"""The Hugging Face transformers backend: any `AutoModelForCausalLM` on CPU or CUDA.
+"""The Hugging Face transformers backend: any `AutoModelForCausalLM`, or a vision-language model
+(`AutoModelForImageTextToText` with its processor: Qwen2-VL, LLaVA style), on CPU or CUDA.
 
 Concurrent requests' items are gathered into shared passes (`teacher_service.batching`) that run
 on one worker thread, so the model runs one pass at a time. Scoring runs the model body once per
 micro-batch (bounded by `max_batch_tokens`), then applies the output layer and the log-softmax
 only at completion positions, `max_logits_elements` at a time; generation keeps each step's
 top-k only (`hf_sampling`). Memory stays bounded for long sequences and large vocabularies.
+A vision model's prompt carries the processor's pixel tensors; a pass concatenates those of its
+rows in row order (how Qwen2-VL and LLaVA match pictures to placeholder tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     GenerationConfig,
     LogitsProcessorList,
@@ -23,6 +28,7 @@ from transformers import (
 )
 
 from potstill.fingerprint import tokenizer_fingerprint
+from potstill.vision import is_vision_model, load_processor
 from teacher_service.backends.base import (
     BackendConfig,
     GenerateItem,
@@ -31,6 +37,7 @@ from teacher_service.backends.base import (
     SamplingParams,
     ScoreItem,
 )
+from teacher_service.media import PromptMedia
 from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
 from teacher_service.batching import Batcher, BatchingSettings
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
@@ -40,6 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _context_length(model_config, cap: int | None) -> int:
+    model_config = model_config.get_text_config()  # a vision model's context is its language model's
     own = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     lengths = [length for length in (own, cap) if length]
     if not lengths:
@@ -69,13 +77,20 @@ def _generate_cost(item: GenerateItem) -> int:
     return rows * (len(item.prompt_ids) + item.params.max_tokens)
 
 
+# Processor outputs that describe the token ids rather than the pictures: rebuilt per pass, padded.
+TOKEN_TYPES = "mm_token_type_ids"
+_TEXT_INPUTS = ("input_ids", "attention_mask", TOKEN_TYPES)
+
+
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model, tokenizer, config: BackendConfig):
+    def __init__(self, model, tokenizer, config: BackendConfig, processor=None):
+        """processor: a vision model's (`potstill.vision.load_processor`); None for a text model."""
         self.model = model
         self.model_version = 1  # read and changed on the worker thread only, between passes
         self.tokenizer = tokenizer
+        self.processor = processor
         self.config = config
         self.device = torch.device(config.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -83,7 +98,8 @@ class HFBackend:
             vocab_size=model.get_output_embeddings().weight.shape[0],
             max_model_len=_context_length(model.config, config.max_model_len),
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            tokenizer_fingerprint=tokenizer_fingerprint(processor or tokenizer),
+            accepts_media=processor is not None,
         )
         # A sample ends at any end token the model declares (chat models add end-of-turn ids).
         declared = getattr(model.generation_config, "eos_token_id", None)
@@ -98,6 +114,10 @@ class HFBackend:
 
     @classmethod
     def load(cls, config: BackendConfig) -> HFBackend:
+        if is_vision_model(config.model):
+            processor = load_processor(config.model)
+            model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=DTYPES[config.dtype])
+            return cls(model.to(config.device).eval(), processor.tokenizer, config, processor)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=DTYPES[config.dtype])
         return cls(model.to(config.device).eval(), tokenizer, config)
@@ -114,6 +134,17 @@ class HFBackend:
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
+
+    def encode_chat_media(self, messages: list[dict], media: PromptMedia) -> tuple[list[int], PromptMedia]:
+        """The processor's token ids (each placeholder repeated per visual token) and its tensors, kept with the media."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        encoded = self.processor(
+            text=[text], images=list(media.images) or None, videos=[list(v) for v in media.videos] or None, return_tensors="pt"
+        )
+        inputs = {key: value for key, value in encoded.items() if key not in _TEXT_INPUTS}
+        if TOKEN_TYPES in encoded:
+            inputs[TOKEN_TYPES] = encoded[TOKEN_TYPES][0]
+        return encoded["input_ids"][0].tolist(), replace(media, inputs=inputs)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -166,7 +197,8 @@ class HFBackend:
         sequences = [item.prompt_ids + item.completion_ids for item in items]
         input_ids, attention_mask = self._right_padded(sequences)
         self._pass_observer("score", len(sequences), input_ids.numel())
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        media = self._media_inputs([item.media for item in items], attention_mask, left_padded=False)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **media).last_hidden_state
         # The state at position t predicts token t + 1: a completion starting at p is read from p - 1.
         spans = [(len(item.prompt_ids) - 1, len(item.completion_ids)) for item in items]
         rows = torch.cat([hidden[b, start : start + length] for b, (start, length) in enumerate(spans)])
@@ -191,6 +223,31 @@ class HFBackend:
                 )
             )
         return results
+
+    def _media_inputs(self, media: list[PromptMedia | None], attention_mask: torch.Tensor, left_padded: bool) -> dict[str, torch.Tensor]:
+        """The pixel tensors of a pass's rows, concatenated in row order, and the rows' token types
+        (padded like the ids; completion and padding positions are text)."""
+        present = [m.inputs for m in media if m is not None]
+        if not present:
+            return {}
+        inputs = {key: torch.cat([p[key] for p in present if key in p]).to(self.device)
+                  for key in {key for p in present for key in p} - {TOKEN_TYPES}}
+        for key, value in inputs.items():
+            if value.is_floating_point():
+                inputs[key] = value.to(self.model.dtype)
+        if any(TOKEN_TYPES in p for p in present):
+            inputs[TOKEN_TYPES] = self._token_types(media, attention_mask, left_padded)
+        return inputs
+
+    def _token_types(self, media: list[PromptMedia | None], attention_mask: torch.Tensor, left_padded: bool) -> torch.Tensor:
+        types = torch.zeros_like(attention_mask)
+        width = attention_mask.shape[1]
+        for row, m in enumerate(media):
+            if m is not None and TOKEN_TYPES in m.inputs:
+                row_types = m.inputs[TOKEN_TYPES]
+                start = width - int(attention_mask[row].sum()) if left_padded else 0
+                types[row, start : start + len(row_types)] = row_types.to(types.device)
+        return types
 
     def _right_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -240,6 +297,7 @@ class HFBackend:
         params = [items[index].params for index, _ in rows]
         input_ids, attention_mask = self._left_padded([items[index].prompt_ids for index, _ in rows])
         self._pass_observer("generate", len(rows), input_ids.numel())
+        media = self._media_inputs([items[index].media for index, _ in rows], attention_mask, left_padded=True)
         sampler = RowSampler(
             params, [sample_seed(p.seed, j) for p, (_, j) in zip(params, rows)],
             max(p.top_logprobs for p in params), self.config.logprobs_mode, self.device,
@@ -250,6 +308,7 @@ class HFBackend:
             generation_config=self._generation_config(max(p.max_tokens for p in params)),
             logits_processor=LogitsProcessorList([sampler]),
             stopping_criteria=StoppingCriteriaList([RowLengths(input_ids.shape[1], [p.max_tokens for p in params], self.device)]),
+            **media,
         )
         new_tokens = output[:, input_ids.shape[1] :].cpu().numpy()  # [R, S]
         token_logprobs, top_logprobs, top_ids = sampler.recorded()

@@ -1,0 +1,232 @@
+"""Images and videos in prompts: the content parts that carry them, their limits, and safe decoding.
+
+A chat message's `content` may be a list of parts, as OpenAI's and vLLM's chat APIs take them:
+
+- `{"type": "text", "text": "..."}`
+- `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
+- `{"type": "video_url", "video_url": {"url": "data:image/gif;base64,..."}}`: an animated image
+  (GIF, PNG or WebP), whose frames are the video's;
+- `{"type": "video_url", "video_url": {"frames": ["data:image/png;base64,...", ...]}}`: a video as
+  its frames, each an image of the same size;
+- any `url` may be `file:///...` when the teacher was started with `--allowed-local-media-path DIR`
+  and the file lies under DIR; otherwise only `data:` URLs are accepted (the teacher fetches nothing).
+
+Decoding happens off the event loop (`resolve_media`, on a thread) and is bounded before any
+pixel is decoded: the format and the size come from the file's header (Pillow reads it lazily),
+so a picture declaring more than `max_image_pixels` pixels, or a video more than
+`max_video_frames` frames, is refused without being decompressed; a request holding more than
+`max_images` images or `max_videos` videos is refused too. Every refusal is an `InvalidRequest`
+naming the part (`sequences.0.prompt.0.content.1.image_url.url`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, ImageSequence
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from teacher_service.errors import InvalidRequest
+
+# Formats decoded; anything else (PDF, PSD, EPS through Ghostscript, ...) is refused from its header.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ImageURL(_Part):
+    url: str = Field(min_length=1, description="A data: URL of PNG, JPEG, GIF, WebP or BMP bytes (or an allowed file: URL).")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted for OpenAI clients; ignored.")
+
+
+class VideoURL(_Part):
+    url: str | None = Field(None, min_length=1, description="A data: (or allowed file:) URL of an animated GIF, PNG or WebP.")
+    frames: list[str] | None = Field(None, min_length=1, description="The video's frames in order, each a data: (or allowed file:) URL of an image.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VideoURL:
+        if (self.url is None) == (self.frames is None):
+            raise ValueError("give exactly one of url and frames")
+        return self
+
+
+class ContentPart(_Part):
+    """One part of a message: the field named by `type` is set, and only that one."""
+
+    type: Literal["text", "image_url", "video_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
+
+    @model_validator(mode="after")
+    def _matches_type(self) -> ContentPart:
+        given = [name for name in ("text", "image_url", "video_url") if getattr(self, name) is not None]
+        if given != [self.type]:
+            raise ValueError(f"a {self.type!r} part holds the field {self.type} and no other (got {', '.join(given) or 'none'})")
+        return self
+
+
+@dataclass(frozen=True)
+class PromptMedia:
+    """The decoded pictures of one prompt, in the order of their placeholders, and what a backend made of them."""
+
+    images: tuple[Image.Image, ...] = ()  # RGB
+    videos: tuple[tuple[Image.Image, ...], ...] = ()  # each video's RGB frames, all of one size
+    inputs: dict[str, Any] | None = None  # the backend's encoding (hf: pixel tensors and grids), set with the token ids
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one request may carry (`potstill serve --max-images ...`)."""
+
+    max_images: int = 8  # images per request, over all its prompts
+    max_videos: int = 2  # videos per request
+    max_video_frames: int = 32  # frames per video
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # width x height of one image or frame
+    local_media_path: str | None = None  # file: URLs are read from under this directory only
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+
+@dataclass
+class MediaCount:
+    """Images and videos met so far in one request."""
+
+    images: int = 0
+    videos: int = 0
+
+
+@dataclass
+class ResolvedChat:
+    """Chat turns in the form chat templates take (`{"type": "image"}` where a picture goes) and the media, in order."""
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)
+
+    def media(self) -> PromptMedia | None:
+        return PromptMedia(tuple(self.images), tuple(map(tuple, self.videos))) if self.images or self.videos else None
+
+
+def has_media(messages: list[Any]) -> bool:
+    return any(part.type != "text" for m in messages if not isinstance(m.content, str) for part in m.content)
+
+
+def resolve_chat(messages: list[Any], field: str, limits: MediaLimits, count: MediaCount) -> ResolvedChat:
+    """Decode the media of chat turns (pydantic `ChatMessage`s) at `field`; blocking, run it on a thread."""
+    resolved = ResolvedChat(messages=[])
+    for m, message in enumerate(messages):
+        if isinstance(message.content, str) or all(part.type == "text" for part in message.content):
+            text = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
+            resolved.messages.append({"role": message.role, "content": text})
+            continue
+        parts = [_resolve_part(part, f"{field}.{m}.content.{p}", limits, count, resolved) for p, part in enumerate(message.content)]
+        resolved.messages.append({"role": message.role, "content": parts})
+    return resolved
+
+
+def _resolve_part(part: Any, field: str, limits: MediaLimits, count: MediaCount, resolved: ResolvedChat) -> dict[str, Any]:
+    if part.type == "text":
+        return {"type": "text", "text": part.text}
+    if part.type == "image_url":
+        count.images += 1
+        if count.images > limits.max_images:
+            raise InvalidRequest(f"more than {limits.max_images} images in one request (max_images)", field=field)
+        resolved.images.append(decode_image(read_url(part.image_url.url, limits, f"{field}.image_url.url"), limits, f"{field}.image_url.url"))
+        return {"type": "image"}
+    count.videos += 1
+    if count.videos > limits.max_videos:
+        raise InvalidRequest(f"more than {limits.max_videos} videos in one request (max_videos)", field=field)
+    resolved.videos.append(_video_frames(part.video_url, limits, f"{field}.video_url"))
+    return {"type": "video"}
+
+
+def _video_frames(video: VideoURL, limits: MediaLimits, field: str) -> list[Image.Image]:
+    if video.url is not None:
+        return decode_animation(read_url(video.url, limits, f"{field}.url"), limits, f"{field}.url")
+    if len(video.frames) > limits.max_video_frames:
+        raise InvalidRequest(f"{len(video.frames)} frames exceed the limit of {limits.max_video_frames} (max_video_frames)", field=f"{field}.frames")
+    frames = [decode_image(read_url(url, limits, f"{field}.frames.{i}"), limits, f"{field}.frames.{i}") for i, url in enumerate(video.frames)]
+    for i, frame in enumerate(frames):
+        if frame.size != frames[0].size:
+            raise InvalidRequest(f"frame of {frame.size[0]}x{frame.size[1]} pixels in a video of {frames[0].size[0]}x{frames[0].size[1]}", field=f"{field}.frames.{i}")
+    return frames
+
+
+def read_url(url: str, limits: MediaLimits, field: str) -> bytes:
+    """The bytes a `data:` URL holds, or those of an allowed `file:` URL."""
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise InvalidRequest("a data: URL must be base64: data:image/png;base64,...", field=field)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as error:
+            raise InvalidRequest(f"invalid base64: {error}", field=field) from None
+    if url.startswith("file:"):
+        return _read_local(url, limits, field)
+    raise InvalidRequest("only data: URLs are accepted (file: URLs too, under --allowed-local-media-path); the teacher fetches nothing", field=field)
+
+
+def _read_local(url: str, limits: MediaLimits, field: str) -> bytes:
+    if limits.local_media_path is None:
+        raise InvalidRequest("file: URLs are refused: this teacher was started without --allowed-local-media-path", field=field)
+    root = Path(os.path.realpath(limits.local_media_path))
+    path = Path(os.path.realpath(unquote(urlparse(url).path)))
+    if not path.is_relative_to(root):
+        raise InvalidRequest(f"{path} is outside the allowed media directory {root}", field=field)
+    try:
+        with path.open("rb") as file:
+            data = file.read(limits.max_file_bytes + 1)
+    except OSError as error:
+        raise InvalidRequest(f"cannot read {path}: {error.strerror}", field=field) from None
+    if len(data) > limits.max_file_bytes:
+        raise InvalidRequest(f"{path} is larger than {limits.max_file_bytes} bytes", field=field)
+    return data
+
+
+def _opened(data: bytes, limits: MediaLimits, field: str) -> Image.Image:
+    """The image's header read (no pixel decoded yet), its format and declared size checked."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise InvalidRequest(f"declared size refused: {error}", field=field) from None
+    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+        raise InvalidRequest(f"not a PNG, JPEG, GIF, WebP or BMP image: {error}", field=field) from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise InvalidRequest(f"{width}x{height} pixels exceed the limit of {limits.max_image_pixels} (max_image_pixels)", field=field)
+    return image
+
+
+def _decoded(image: Image.Image, field: str) -> Image.Image:
+    """The current frame as RGB pixels; a corrupt or truncated file is the caller's fault, whatever the decoder raises."""
+    try:
+        return image.convert("RGB")
+    except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, EOFError, ...
+        raise InvalidRequest(f"the image data is corrupt or truncated: {error}", field=field) from None
+
+
+def decode_image(data: bytes, limits: MediaLimits, field: str) -> Image.Image:
+    """One RGB image (the first frame of an animation)."""
+    with _opened(data, limits, field) as image:
+        return _decoded(image, field)
+
+
+def decode_animation(data: bytes, limits: MediaLimits, field: str) -> list[Image.Image]:
+    """Every frame of an animated image as RGB images (a still image is a one-frame video)."""
+    with _opened(data, limits, field) as image:
+        frames = getattr(image, "n_frames", 1)
+        if frames > limits.max_video_frames:
+            raise InvalidRequest(f"{frames} frames exceed the limit of {limits.max_video_frames} (max_video_frames)", field=field)
+        return [_decoded(frame, field) for frame in ImageSequence.Iterator(image)]
