@@ -13,9 +13,17 @@ from PIL import Image
 
 from teacher_service.errors import InvalidRequest
 from teacher_service.media import MediaLimits, decode_animation, decode_image, read_url
-from tests.teacher_service.tiny_vlm import png
-
 FIELD = "sequences.0.prompt.0.content.0.image_url.url"
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), square_at: int | None = None) -> bytes:
+    """PNG bytes of a plain picture, with a white 8-pixel square at x = `square_at` when given."""
+    image = Image.new("RGB", size, color)
+    if square_at is not None:
+        image.paste((255, 255, 255), (square_at, 4, square_at + 8, 12))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def png_declaring(width: int, height: int) -> bytes:

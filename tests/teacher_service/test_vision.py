@@ -5,7 +5,9 @@ processor's inputs, and the media limits refused by field on every transport."""
 from __future__ import annotations
 
 import base64
+import copy
 import io
+import json
 
 import grpc
 import httpx
@@ -19,14 +21,14 @@ from transformers import AutoModelForImageTextToText
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.v1 import teacher_pb2 as pb
 from potstill.v1 import teacher_pb2_grpc
-from potstill.vision import FramesProcessor, load_processor
+from potstill.toy.vlm import build_tiny_vlm
+from potstill.vision import load_processor
 from teacher_service import wire
 from teacher_service.config import ServeOptions
 from teacher_service.testing import BackgroundTeacher
 from tests.teacher_service.conftest import grpc_target
-from tests.teacher_service.test_media import gif, png_declaring
+from tests.teacher_service.test_media import gif, png, png_declaring
 from tests.teacher_service.test_transports import assert_same_distributions, post_protobuf
-from tests.teacher_service.tiny_vlm import build_tiny_vlm, png
 
 ATOL = 1e-5
 
@@ -133,30 +135,35 @@ def score(client, sequences, k=5) -> list[dict]:
 # --- the processor ---
 
 
-def test_a_video_of_one_repeated_frame_has_that_images_patches(processor):
-    frame = Image.open(io.BytesIO(MOVING[1]))
-    as_video = processor(text=["<|video_pad|>"], videos=[[frame, frame]])
-    as_image = processor(text=["<|image_pad|>"], images=[frame])
-    torch.testing.assert_close(as_video["pixel_values_videos"], as_image["pixel_values"], rtol=0, atol=0)
-    assert as_video["video_grid_thw"].tolist() == as_image["image_grid_thw"].tolist() == [[1, 2, 2]]
-
-
 def test_frames_pair_into_temporal_patches(processor):
-    frames = [Image.open(io.BytesIO(f)) for f in MOVING]  # three frames: padded to four with the last
-    video = processor(text=["<|video_pad|>"], videos=[frames])
+    frames = [Image.open(io.BytesIO(f)).convert("RGB") for f in MOVING]  # three frames: padded to four with the last
+    video = processor(text=["<|video_pad|>"], videos=[frames], return_tensors="pt")
     assert video["video_grid_thw"].tolist() == [[2, 2, 2]]
     patches = video["pixel_values_videos"].reshape(2, 4, 3, 2, 14, 14)  # [t, h*w, C, frame in pair, p, p]
-    singles = [processor(text=["<|image_pad|>"], images=[f])["pixel_values"].reshape(4, 3, 2, 14, 14)[:, :, 0] for f in frames]
+    singles = [processor(text=["<|image_pad|>"], images=[f], return_tensors="pt")["pixel_values"].reshape(4, 3, 2, 14, 14)[:, :, 0]
+               for f in frames]
     for t, pair in enumerate([(0, 1), (2, 2)]):
         for slot, index in enumerate(pair):
-            torch.testing.assert_close(patches[t, :, :, slot], singles[index], rtol=0, atol=0)
+            torch.testing.assert_close(patches[t, :, :, slot], singles[index], rtol=0, atol=1e-5)
+
+
+def test_a_qwen2_vl_checkpoint_loads_without_torchvision(tmp_path):
+    """A checkpoint naming transformers' own Qwen2VLProcessor (whose video side needs torchvision)."""
+    path = build_tiny_vlm(tmp_path / "vlm", hidden_size=32, heads=2, vision_width=32, vision_depth=1)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        (path / name).write_text((path / name).read_text().replace("ToyQwen2VLProcessor", "Qwen2VLProcessor"))
+    assert json.loads((path / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    processor = load_processor(path)
+    frame = Image.open(io.BytesIO(MOVING[0])).convert("RGB")
+    assert processor(text=["<|video_pad|>"], videos=[[frame]], return_tensors="pt")["video_grid_thw"].tolist() == [[1, 2, 2]]
 
 
 def test_the_fingerprint_covers_the_media_tokens(processor, vision_teacher, vhttp):
     info = vhttp.get("/v1/model").json()
     assert info["accepts_media"] is True
     assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(processor) != tokenizer_fingerprint(processor.tokenizer)
-    renamed = FramesProcessor(processor.tokenizer, processor.image_processor, image_token="<|vision_end|>")
+    renamed = copy.copy(processor)
+    renamed.image_token = "<|vision_end|>"
     assert tokenizer_fingerprint(renamed) != tokenizer_fingerprint(processor)
 
 
