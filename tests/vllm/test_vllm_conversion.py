@@ -27,6 +27,7 @@ from teacher_service.backends.vllm_convert import (  # noqa: E402
     token_prompt,
 )
 from teacher_service.errors import BackendUnavailable, InvalidRequest  # noqa: E402
+from teacher_service.media import PromptMedia  # noqa: E402
 
 
 def position(actual: int, actual_rank: int, top: list[tuple[int, float]], actual_logprob: float | None = None) -> dict[int, Logprob]:
@@ -126,3 +127,47 @@ def test_aborted_or_failed_samples_raise(reason):
 def test_token_prompts_are_vllm_tokens_prompts():
     prompt: TokensPrompt = token_prompt([5, 6])
     assert prompt == TokensPrompt(prompt_token_ids=[5, 6])
+
+
+# --- images and videos ---
+
+IMAGE_PAD = 9  # the placeholder token of the examples below
+
+
+def test_pictures_become_multi_modal_data_that_vllms_parser_reads():
+    from PIL import Image
+    from vllm.multimodal.parse import MultiModalDataParser
+
+    image = Image.new("RGB", (40, 30), (255, 0, 0))
+    frames = tuple(Image.new("RGB", (16, 12), (0, 0, 10 * i)) for i in range(3))
+    prompt: TokensPrompt = token_prompt([1, IMAGE_PAD, 2], PromptMedia(images=(image,), videos=(frames, frames[:2])))
+    assert prompt["prompt_token_ids"] == [1, IMAGE_PAD, 2]
+    items = MultiModalDataParser().parse_mm_data(prompt["multi_modal_data"])
+    assert {modality: items[modality].get_count() for modality in items} == {"image": 1, "video": 2}
+    assert (items["image"].get(0).size, items["image"].get(0).getpixel((0, 0))) == ((40, 30), (255, 0, 0))
+    video = items["video"].get(0)
+    assert video.shape == (3, 12, 16, 3) and video.dtype == np.uint8  # [frames, height, width, RGB]
+    assert video[2, 0, 0].tolist() == [0, 0, 20]
+    assert "video" not in token_prompt([IMAGE_PAD], PromptMedia(images=(image,)))["multi_modal_data"]
+    assert "multi_modal_data" not in token_prompt([1, 2])
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["list-of-dicts", "flat"])
+def test_a_score_reads_the_completion_from_the_end_of_the_expanded_prompt(layout):
+    """vLLM replaced the one placeholder sent by three: its prompt log-probs are two positions longer."""
+    item = ScoreItem(prompt_ids=[1, IMAGE_PAD, 2], completion_ids=[7, 3], top_logprobs=3)
+    image_positions = [position(IMAGE_PAD, 1, [(IMAGE_PAD, -0.01), (4, -5.0), (5, -6.0)])] * 3
+    expanded = [POSITIONS[0], *image_positions, *POSITIONS[1:]]
+    output = RequestOutput(request_id="r", prompt=None, prompt_token_ids=[1, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, 2, 7, 3],
+                           prompt_logprobs=layouts(expanded)[layout], outputs=[], finished=True)
+    result = scored_sequence(output, item, model_version=1)
+    assert result.prompt_tokens == 5
+    np.testing.assert_array_equal(result.top_ids, [[4, 7, 9], [8, 1, 0]])
+    np.testing.assert_allclose(result.token_logprobs, [-1.5, -7.25])
+
+
+def test_generate_counts_the_prompt_vllm_ran():
+    params = OurSamplingParams(n=1, max_tokens=2, temperature=1.0, top_p=1.0, seed=0, top_logprobs=2)
+    output = RequestOutput(request_id="g", prompt=None, prompt_token_ids=[1, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, 2], prompt_logprobs=None,
+                           outputs=[_completion(0, [10, 11])], finished=True)
+    assert generate_result(output, GenerateItem([1, IMAGE_PAD, 2], params), model_version=1).prompt_tokens == 5

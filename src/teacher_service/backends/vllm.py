@@ -4,7 +4,10 @@ vLLM schedules and batches every request itself (continuous batching), so each i
 engine request and the backend only converts (`vllm_convert`). Scoring asks for prompt
 log-probs of the whole sequence; generation for n seeded samples with their top k. The
 engine's `max_logprobs` is raised to the service's `--max-top-logprobs`. Tokenisation and the
-tokenizer fingerprint come from the model's own transformers tokenizer, as in the HF backend.
+tokenizer fingerprint come from the model's own transformers tokenizer (and a vision model's
+processor), as in the HF backend. A prompt's images and videos go to the engine as its
+`multi_modal_data` beside one placeholder token per picture, which vLLM expands itself; so the
+service's context-length check counts a picture as one token, and vLLM checks the expanded prompt.
 Written against vLLM 0.32.0 (the version the extra pins; 0.33.0 is the same in every API used here,
 but its dependencies do not resolve on this project's package index); tested on CPU through the conversion
 layer only (`.ci/vllm-conversion`), and on a GPU by `tests/vllm/test_vllm_engine.py`.
@@ -20,6 +23,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from potstill.fingerprint import tokenizer_fingerprint
+from potstill.vision import is_vision_model, load_processor
 from teacher_service.backends.base import BackendConfig, GenerateItem, ModelDescription, PassObserver, ScoreItem
 from teacher_service.backends.vllm_convert import (
     VLLM_LOGPROBS_MODES,
@@ -30,13 +34,15 @@ from teacher_service.backends.vllm_convert import (
     token_prompt,
 )
 from teacher_service.errors import Forbidden
+from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, ScoredSequence
 
 
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, engine: Any, tokenizer: Any, config: BackendConfig):
+    def __init__(self, engine: Any, tokenizer: Any, config: BackendConfig, processor: Any = None):
+        """processor: a vision model's (`potstill.vision.load_processor`), for its fingerprint."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
@@ -46,7 +52,8 @@ class VLLMBackend:
             vocab_size=model_config.get_vocab_size(),
             max_model_len=model_config.max_model_len,
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            tokenizer_fingerprint=tokenizer_fingerprint(processor or tokenizer),
+            accepts_media=processor is not None,
         )
         self._request_ids = itertools.count()
         self._in_flight: dict[str, asyncio.Future] = {}
@@ -66,7 +73,8 @@ class VLLMBackend:
             gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.tensor_parallel_size,
         )
-        return cls(AsyncLLM.from_engine_args(arguments), AutoTokenizer.from_pretrained(config.model), config)
+        processor = load_processor(config.model) if is_vision_model(config.model) else None
+        return cls(AsyncLLM.from_engine_args(arguments), AutoTokenizer.from_pretrained(config.model), config, processor)
 
     # --- tokenizer helpers (as the HF backend's) ---
 
@@ -79,6 +87,10 @@ class VLLMBackend:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
+    def encode_chat_media(self, messages: list[dict[str, Any]], media: PromptMedia) -> tuple[list[int], PromptMedia]:
+        """One placeholder per picture (the chat template's): vLLM expands them itself (`vllm_convert.token_prompt`)."""
+        return self.encode_chat(messages), media
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -87,7 +99,7 @@ class VLLMBackend:
     async def score(self, items: list[ScoreItem]) -> list[ScoredSequence]:
         version = self.model_version
         return await asyncio.gather(*(
-            self._request(item.prompt_ids + item.completion_ids, score_sampling_kwargs(item),
+            self._request(token_prompt(item.prompt_ids + item.completion_ids, item.media), score_sampling_kwargs(item),
                           lambda output, item=item: scored_sequence(output, item, version))
             for item in items
         ))
@@ -95,18 +107,18 @@ class VLLMBackend:
     async def generate(self, items: list[GenerateItem]) -> list[GenerateResult]:
         version = self.model_version
         return await asyncio.gather(*(
-            self._request(item.prompt_ids, generate_sampling_kwargs(item.params),
+            self._request(token_prompt(item.prompt_ids, item.media), generate_sampling_kwargs(item.params),
                           lambda output, item=item: generate_result(output, item, version))
             for item in items
         ))
 
-    async def _request(self, ids: list[int], sampling: dict[str, Any], convert: Callable[[Any], Any]) -> Any:
+    async def _request(self, prompt: dict[str, Any], sampling: dict[str, Any], convert: Callable[[Any], Any]) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         request_id = f"potstill-{next(self._request_ids)}"
         params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
-        task = asyncio.ensure_future(self._final_output(token_prompt(ids), params, request_id))
+        task = asyncio.ensure_future(self._final_output(prompt, params, request_id))
         self._in_flight[request_id] = task
         try:
             return convert(await task)

@@ -18,6 +18,14 @@ prompt_logprobs, processed_* and raw_* yield identical results"), so a temperatu
 cannot be applied to them from a top k. The one exact route in 0.32.0 is full-vocabulary prompt
 log-probs (`prompt_logprobs=-1`, V values per position through vLLM's output processor), which
 this backend does not take; it refuses such a request, naming `temperature`.
+
+Images and videos (`vllm/inputs/llm.py`, `vllm/multimodal/parse.py`): a prompt's pictures travel
+as the `TokensPrompt`'s `multi_modal_data`, `{"image": [PIL images], "video": [uint8 arrays
+[frames, height, width, 3]]}`, beside token ids holding ONE placeholder per picture (the chat
+template's `<|image_pad|>`): vLLM's multi-modal processor replaces each placeholder by one token
+per visual token (`PromptReplacement` in `vllm/model_executor/models/qwen2_vl.py`). So vLLM's
+prompt is longer than the ids sent, and a score's completion is read from the end of the prompt
+log-probs; `prompt_tokens` counts the prompt as vLLM ran it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import numpy as np
 
 from teacher_service.backends.base import GenerateItem, LogprobsMode, SamplingParams, ScoreItem
 from teacher_service.errors import BackendUnavailable, InvalidRequest
+from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
 
 # Our `--logprobs-mode` names and vLLM's engine setting of the same meaning.
@@ -64,9 +73,14 @@ def generate_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def token_prompt(ids: list[int]) -> dict[str, list[int]]:
-    """A `vllm.inputs.TokensPrompt` (a TypedDict) of token ids."""
-    return {"prompt_token_ids": list(ids)}
+def token_prompt(ids: list[int], media: PromptMedia | None = None) -> dict[str, Any]:
+    """A `vllm.inputs.TokensPrompt` (a TypedDict) of token ids and, where the prompt has pictures,
+    their `multi_modal_data` (videos as [frames, height, width, 3] uint8 arrays)."""
+    prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+    if media is not None:
+        data = {"image": list(media.images), "video": [np.stack([np.asarray(f) for f in video]) for video in media.videos]}
+        prompt["multi_modal_data"] = {modality: items for modality, items in data.items() if items}
+    return prompt
 
 
 # --- results ---
@@ -98,12 +112,14 @@ def scored_sequence(output: Any, item: ScoreItem, model_version: int) -> ScoredS
     prompt_logprobs = output.prompt_logprobs
     if prompt_logprobs is None:
         raise BackendUnavailable("vLLM returned no prompt log-probs")
-    start = len(item.prompt_ids)  # position p holds the distribution that predicted token p
+    # Position p holds the distribution that predicted token p; the completion ends vLLM's prompt
+    # (longer than prompt_ids where vLLM expanded picture placeholders).
+    start = len(prompt_logprobs) - len(item.completion_ids)
     completion = [prompt_logprobs[p] for p in range(start, start + len(item.completion_ids))]
     token_logprobs, top_ids, top_logprobs = distributions(completion, item.completion_ids, item.top_logprobs)
     return ScoredSequence(
         token_ids=np.asarray(item.completion_ids, dtype=np.int32), token_logprobs=token_logprobs,
-        top_ids=top_ids, top_logprobs=top_logprobs, prompt_tokens=len(item.prompt_ids), model_version=model_version,
+        top_ids=top_ids, top_logprobs=top_logprobs, prompt_tokens=start, model_version=model_version,
     )
 
 
@@ -113,7 +129,8 @@ def generate_result(output: Any, item: GenerateItem, model_version: int) -> Gene
     samples = [_sample(completion, params.top_logprobs) for completion in sorted(output.outputs, key=lambda c: c.index)]
     if params.temperature == 0:
         samples = samples[:1] * params.n
-    return GenerateResult(samples=samples, prompt_tokens=len(item.prompt_ids), model_version=model_version)
+    prompt_tokens = len(output.prompt_token_ids) if output.prompt_token_ids is not None else len(item.prompt_ids)
+    return GenerateResult(samples=samples, prompt_tokens=prompt_tokens, model_version=model_version)
 
 
 def _sample(completion: Any, k: int) -> Sample:
