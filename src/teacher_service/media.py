@@ -41,6 +41,32 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_FILE_BYTES = 64 * 2**20
 
 
+# --- building parts (clients) ---
+
+
+def data_url(data: bytes) -> str:
+    """A data: URL of encoded image bytes (the teacher reads the format from the bytes themselves)."""
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_part(data: bytes) -> dict[str, Any]:
+    """The content part of an image given as PNG, JPEG, GIF, WebP or BMP bytes."""
+    return {"type": "image_url", "image_url": {"url": data_url(data)}}
+
+
+def video_part(frames: list[bytes]) -> dict[str, Any]:
+    """The content part of a video given as its frames' encoded bytes, in order."""
+    return {"type": "video_url", "video_url": {"frames": [data_url(frame) for frame in frames]}}
+
+
+def animation_part(data: bytes) -> dict[str, Any]:
+    """The content part of a video given as one animated GIF, PNG or WebP."""
+    return {"type": "video_url", "video_url": {"url": data_url(data)}}
+
+
+# --- request schema ---
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

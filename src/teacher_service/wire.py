@@ -14,6 +14,7 @@ import numpy as np
 
 from potstill.v1 import teacher_pb2 as pb
 from teacher_service.errors import InvalidRequest
+from teacher_service.media import data_url
 from teacher_service.protocol import (
     GenerateResponse,
     GenerateResult,
@@ -52,14 +53,11 @@ def tensor_from_pb(tensor: pb.Tensor) -> np.ndarray:
 # --- requests: protobuf -> plain data (server side) ---
 
 
-# Media bytes become the data: URLs of the JSON form, so both transports share one validation path.
-_DATA_URL = "data:application/octet-stream;base64,"
-
-
 def _source_url(source: pb.MediaSource) -> str | None:
+    """Media bytes become the data: URLs of the JSON form, so both transports share one validation path."""
     kind = source.WhichOneof("source")
     if kind == "data":
-        return _DATA_URL + base64.b64encode(source.data).decode("ascii")
+        return data_url(source.data)
     return source.url if kind == "url" else None
 
 

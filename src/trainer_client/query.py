@@ -4,11 +4,16 @@
     potstill query http://localhost:8000 score --prompt "2+2=" --completion "4" -k 5
     potstill query openai+http://localhost:8000/v1 generate --prompt "hello" -n 2 --max-tokens 16 --seed 0
     potstill query grpc://localhost:50051 score --prompt "hi" --completion " there" --json
+    potstill query http://localhost:8000 generate --prompt "how many squares?" --image shapes.png
 
 Any URL `connect_client` takes works. Token text is shown with a tokenizer: `--tokenizer`, or the
 teacher's model path where it exists on this machine; without one, token ids are shown. `--json`
 prints the answer exactly as the teacher's JSON endpoints would (`ModelInfo`, `ScoreResponse`,
 `GenerateResponse`).
+
+`--image PATH` and `--video PATH` (an animated GIF, PNG or WebP, or a directory of frame images in
+name order) make the prompt one user turn holding the pictures, then the prompt text, for a
+vision teacher (grpc:// or http:// URLs; the OpenAI client sends text only).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from teacher_service.media import animation_part, image_part, video_part
 from teacher_service.protocol import GenerateResponse, ModelInfo, ScoreResponse, TokenDistributions
 from trainer_client.teachers import OpenAITeacherClient, TeacherClientError, connect_client
 
@@ -39,14 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--tokenizer", help="tokenizer path or hub id for token text (default: the teacher's model, if local)")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("info", parents=[common], help="what the teacher serves and its limits")
+    media = argparse.ArgumentParser(add_help=False)
+    media.add_argument("--image", type=Path, action="append", default=[], help="an image shown before the prompt text (repeatable)")
+    media.add_argument("--video", type=Path, action="append", default=[],
+                       help="a video shown before the prompt text: an animated GIF/PNG/WebP, or a directory of frames in name order (repeatable)")
 
-    score = actions.add_parser("score", parents=[common], help="the teacher's top-k at every completion token")
+    score = actions.add_parser("score", parents=[common, media], help="the teacher's top-k at every completion token")
     score.add_argument("--prompt", required=True, help="the context the teacher conditions on")
     score.add_argument("--completion", required=True, help="the tokens to score")
     score.add_argument("-k", "--top-logprobs", type=int, default=5, help="most likely tokens per position")
     score.add_argument("--temperature", type=float, default=1.0)
 
-    generate = actions.add_parser("generate", parents=[common], help="samples with their top-k log-probs")
+    generate = actions.add_parser("generate", parents=[common, media], help="samples with their top-k log-probs")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("-n", type=int, default=1, help="samples")
     generate.add_argument("--max-tokens", type=int, default=16)
@@ -60,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
     console = Console(highlight=False)
     try:
         info, answer, tokenizer = asyncio.run(_query(args))
-    except (TeacherClientError, ValueError) as error:
+    except (TeacherClientError, ValueError, OSError) as error:  # OSError: an --image or --video that cannot be read
         Console(stderr=True, highlight=False).print(Text(f"error: {error}", style="red"))
         raise SystemExit(1) from None
     if args.json:
@@ -80,6 +90,8 @@ async def _query(args: argparse.Namespace) -> tuple[ModelInfo, Any, Any]:
         # OpenAI-compatible endpoints need a tokenizer for text; the others only for display.
         needs_tokenizer = isinstance(client, OpenAITeacherClient) or not args.json
         tokenizer = _load_tokenizer(args.tokenizer or info.model) if needs_tokenizer and args.action != "info" else None
+        if isinstance(client, OpenAITeacherClient) and args.action != "info" and (args.image or args.video):
+            raise ValueError("--image and --video need a grpc:// or http(s):// teacher URL: the OpenAI client sends text only")
         if isinstance(client, OpenAITeacherClient) and tokenizer is not None:
             await client.close()
             client = connect_client(args.url, api_key=api_key, timeout=args.timeout, ca_file=args.ca_file, tokenizer=tokenizer)
@@ -94,7 +106,7 @@ async def _info(client, args) -> None:
 
 async def _score(client, args) -> ScoreResponse:
     request = {
-        "sequences": [{"prompt": args.prompt, "completion": args.completion}],
+        "sequences": [{"prompt": _prompt(args), "completion": args.completion}],
         "top_logprobs": args.top_logprobs,
         "temperature": args.temperature,
     }
@@ -103,7 +115,7 @@ async def _score(client, args) -> ScoreResponse:
 
 async def _generate(client, args) -> GenerateResponse:
     request = {
-        "prompts": [args.prompt],
+        "prompts": [_prompt(args)],
         "n": args.n,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -115,6 +127,20 @@ async def _generate(client, args) -> GenerateResponse:
 
 
 ACTIONS = {"info": _info, "score": _score, "generate": _generate}
+
+
+def _prompt(args: argparse.Namespace) -> str | list[dict]:
+    """The prompt text, or with --image / --video one user turn: the pictures, then the text."""
+    if not (args.image or args.video):
+        return args.prompt
+    parts = [image_part(path.read_bytes()) for path in args.image] + [_video(path) for path in args.video]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": args.prompt}]}]
+
+
+def _video(path: Path) -> dict:
+    if path.is_dir():
+        return video_part([frame.read_bytes() for frame in sorted(path.iterdir()) if frame.is_file()])
+    return animation_part(path.read_bytes())
 
 
 def _load_tokenizer(name: str) -> Any | None:

@@ -290,3 +290,30 @@ def test_a_text_teacher_refuses_pictures(http):
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "sequences.0.prompt"
     assert "takes no images" in response.json()["error"]["message"]
+
+
+# --- potstill query ---
+
+
+def test_query_sends_images_and_videos(vision_teacher, vhttp, tmp_path, capsys):
+    from potstill.cli import main
+
+    (tmp_path / "red.png").write_bytes(RED)
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for index, frame in enumerate(MOVING):
+        (frames / f"{index:03d}.png").write_bytes(frame)
+    chat = [{"role": "user", "content": [image_part(RED), video_part(MOVING), {"type": "text", "text": "how many?"}]}]
+    [expected] = score(vhttp, [{"prompt": chat, "completion": "12"}], k=3)
+    for url in (vision_teacher.grpc_url, vision_teacher.http_url):
+        main(["query", url, "score", "--prompt", "how many?", "--completion", "12", "-k", "3", "--json",
+              "--image", str(tmp_path / "red.png"), "--video", str(frames)])
+        [scored] = json.loads(capsys.readouterr().out)["results"]
+        assert scored["prompt_tokens"] == expected["prompt_tokens"] and scored["top_ids"] == expected["top_ids"]
+        np.testing.assert_allclose(scored["token_logprobs"], expected["token_logprobs"], rtol=0, atol=1e-6)
+    with pytest.raises(SystemExit):
+        main(["query", f"openai+{vision_teacher.http_url}/v1", "score", "--prompt", "?", "--completion", "1", "--image", str(tmp_path / "red.png")])
+    assert "sends text only" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):
+        main(["query", vision_teacher.grpc_url, "generate", "--prompt", "?", "--image", str(tmp_path / "missing.png")])
+    assert "missing.png" in capsys.readouterr().err
