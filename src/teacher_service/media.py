@@ -9,7 +9,9 @@ A chat message's `content` may be a list of parts, as OpenAI's and vLLM's chat A
 - `{"type": "video_url", "video_url": {"frames": ["data:image/png;base64,...", ...]}}`: a video as
   its frames, each an image of the same size;
 - any `url` may be `file:///...` when the teacher was started with `--allowed-local-media-path DIR`
-  and the file lies under DIR; otherwise only `data:` URLs are accepted (the teacher fetches nothing).
+  and the file lies under DIR; otherwise only `data:` URLs are accepted (the teacher fetches nothing);
+- any `url` may be `media:i`, entry i of the request's own `media` list: a picture shown with many
+  prompts (the samples of one prompt) travels once and is decoded once, and counts once.
 
 Decoding happens off the event loop (`resolve_media`, on a thread) and is bounded before any
 pixel is decoded: the format and the size come from the file's header (Pillow reads it lazily),
@@ -124,12 +126,72 @@ class MediaLimits:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
-@dataclass
-class MediaCount:
-    """Images and videos met so far in one request."""
+SHARED_PREFIX = "media:"  # `media:i` names entry i of the request's own `media` list
 
-    images: int = 0
-    videos: int = 0
+
+def shared_index(url: str) -> int | None:
+    """i for a `media:i` URL, else None."""
+    suffix = url.removeprefix(SHARED_PREFIX)
+    return int(suffix) if url.startswith(SHARED_PREFIX) and suffix.isdigit() else None
+
+
+class RequestMedia:
+    """The media of one request, decoded on a thread: each entry of the request's `media` list once,
+    however many parts name it (`media:i`), and the counts of images and videos against the limits
+    (a shared picture counts once)."""
+
+    def __init__(self, limits: MediaLimits, shared: list[str] = ()):
+        self.limits = limits
+        self.shared = list(shared)
+        self.counts = {"image": 0, "video": 0}
+        self._decoded: dict[tuple[str, str], Any] = {}
+        self._counted: set[tuple[str, str]] = set()
+
+    def image(self, url: str, field: str) -> Image.Image:
+        """The image of the part at `field`."""
+        self._count("image", url if shared_index(url) is not None else None, field)
+        return self._decode(url, f"{field}.image_url.url", decode_image)
+
+    def video(self, video: VideoURL, field: str) -> list[Image.Image]:
+        """The frames of the video part at `field`."""
+        sources = [video.url] if video.url is not None else video.frames
+        self._count("video", " ".join(sources) if all(shared_index(u) is not None for u in sources) else None, field)
+        field = f"{field}.video_url"
+        if video.url is not None:
+            return self._decode(video.url, f"{field}.url", decode_animation)
+        if len(video.frames) > self.limits.max_video_frames:
+            raise InvalidRequest(f"{len(video.frames)} frames exceed the limit of {self.limits.max_video_frames} (max_video_frames)",
+                                 field=f"{field}.frames")
+        frames = [self._decode(url, f"{field}.frames.{i}", decode_image) for i, url in enumerate(video.frames)]
+        for i, frame in enumerate(frames):
+            if frame.size != frames[0].size:
+                raise InvalidRequest(f"frame of {frame.size[0]}x{frame.size[1]} pixels in a video of {frames[0].size[0]}x{frames[0].size[1]}",
+                                     field=f"{field}.frames.{i}")
+        return frames
+
+    def _count(self, kind: str, shared_key: str | None, field: str) -> None:
+        """One more image or video, refused beyond its limit; a shared source (`shared_key`) counts once."""
+        if shared_key is not None:
+            if (kind, shared_key) in self._counted:
+                return
+            self._counted.add((kind, shared_key))
+        self.counts[kind] += 1
+        limit = getattr(self.limits, f"max_{kind}s")
+        if self.counts[kind] > limit:
+            raise InvalidRequest(f"more than {limit} {kind}s in one request (max_{kind}s)", field=field)
+
+    def _decode(self, url: str, field: str, decode) -> Any:
+        """`decode(bytes, limits, field)` of what `url` names; a shared entry decoded once (errors name it: `media.i`)."""
+        index = shared_index(url)
+        if index is None:
+            return decode(read_url(url, self.limits, field), self.limits, field)
+        if index >= len(self.shared):
+            raise InvalidRequest(f"names entry {index} of a media list of {len(self.shared)}", field=field)
+        key = (decode.__name__, url)
+        if key not in self._decoded:
+            shared_field = f"media.{index}"
+            self._decoded[key] = decode(read_url(self.shared[index], self.limits, shared_field), self.limits, shared_field)
+        return self._decoded[key]
 
 
 @dataclass
@@ -148,7 +210,7 @@ def has_media(messages: list[Any]) -> bool:
     return any(part.type != "text" for m in messages if not isinstance(m.content, str) for part in m.content)
 
 
-def resolve_chat(messages: list[Any], field: str, limits: MediaLimits, count: MediaCount) -> ResolvedChat:
+def resolve_chat(messages: list[Any], field: str, media: RequestMedia) -> ResolvedChat:
     """Decode the media of chat turns (pydantic `ChatMessage`s) at `field`; blocking, run it on a thread."""
     resolved = ResolvedChat(messages=[])
     for m, message in enumerate(messages):
@@ -156,37 +218,19 @@ def resolve_chat(messages: list[Any], field: str, limits: MediaLimits, count: Me
             text = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
             resolved.messages.append({"role": message.role, "content": text})
             continue
-        parts = [_resolve_part(part, f"{field}.{m}.content.{p}", limits, count, resolved) for p, part in enumerate(message.content)]
+        parts = [_resolve_part(part, f"{field}.{m}.content.{p}", media, resolved) for p, part in enumerate(message.content)]
         resolved.messages.append({"role": message.role, "content": parts})
     return resolved
 
 
-def _resolve_part(part: Any, field: str, limits: MediaLimits, count: MediaCount, resolved: ResolvedChat) -> dict[str, Any]:
+def _resolve_part(part: Any, field: str, media: RequestMedia, resolved: ResolvedChat) -> dict[str, Any]:
     if part.type == "text":
         return {"type": "text", "text": part.text}
     if part.type == "image_url":
-        count.images += 1
-        if count.images > limits.max_images:
-            raise InvalidRequest(f"more than {limits.max_images} images in one request (max_images)", field=field)
-        resolved.images.append(decode_image(read_url(part.image_url.url, limits, f"{field}.image_url.url"), limits, f"{field}.image_url.url"))
+        resolved.images.append(media.image(part.image_url.url, field))
         return {"type": "image"}
-    count.videos += 1
-    if count.videos > limits.max_videos:
-        raise InvalidRequest(f"more than {limits.max_videos} videos in one request (max_videos)", field=field)
-    resolved.videos.append(_video_frames(part.video_url, limits, f"{field}.video_url"))
+    resolved.videos.append(media.video(part.video_url, field))
     return {"type": "video"}
-
-
-def _video_frames(video: VideoURL, limits: MediaLimits, field: str) -> list[Image.Image]:
-    if video.url is not None:
-        return decode_animation(read_url(video.url, limits, f"{field}.url"), limits, f"{field}.url")
-    if len(video.frames) > limits.max_video_frames:
-        raise InvalidRequest(f"{len(video.frames)} frames exceed the limit of {limits.max_video_frames} (max_video_frames)", field=f"{field}.frames")
-    frames = [decode_image(read_url(url, limits, f"{field}.frames.{i}"), limits, f"{field}.frames.{i}") for i, url in enumerate(video.frames)]
-    for i, frame in enumerate(frames):
-        if frame.size != frames[0].size:
-            raise InvalidRequest(f"frame of {frame.size[0]}x{frame.size[1]} pixels in a video of {frames[0].size[0]}x{frames[0].size[1]}", field=f"{field}.frames.{i}")
-    return frames
 
 
 def read_url(url: str, limits: MediaLimits, field: str) -> bytes:
@@ -201,7 +245,8 @@ def read_url(url: str, limits: MediaLimits, field: str) -> bytes:
             raise InvalidRequest(f"invalid base64: {error}", field=field) from None
     if url.startswith("file:"):
         return _read_local(url, limits, field)
-    raise InvalidRequest("only data: URLs are accepted (file: URLs too, under --allowed-local-media-path); the teacher fetches nothing", field=field)
+    raise InvalidRequest("only data: URLs are accepted (and media:i, file: URLs under --allowed-local-media-path); "
+                         "the teacher fetches nothing", field=field)
 
 
 def _read_local(url: str, limits: MediaLimits, field: str) -> bytes:

@@ -178,8 +178,13 @@ LogprobsDType = Literal["float32", "float16"]
 LOGPROBS_DTYPE_HELP = "Precision of the returned log-probs: float16 halves their bytes on the protobuf wire (~3 significant digits)."
 
 
+SHARED_MEDIA_HELP = ("Images and animations the request's prompts share, each a data: (or allowed file:) URL; "
+                     "a content part names entry i as the URL media:i, so a picture travels and decodes once per request.")
+
+
 class ScoreRequest(StrictModel):
     sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences scored independently.")
+    media: list[Annotated[str, Field(min_length=1)]] = Field([], description=SHARED_MEDIA_HELP)
     top_logprobs: int = Field(0, ge=0, description="k: most likely tokens returned per position.")
     temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=100, description="Softmax temperature on the logits.")
     logprobs_dtype: LogprobsDType = Field("float32", description=LOGPROBS_DTYPE_HELP)
@@ -190,6 +195,7 @@ class ScoreRequest(StrictModel):
 
 class GenerateRequest(StrictModel):
     prompts: list[Prompt] = Field(min_length=1)
+    media: list[Annotated[str, Field(min_length=1)]] = Field([], description=SHARED_MEDIA_HELP)
     n: int = Field(1, ge=1, description="Samples per prompt.")
     max_tokens: int = Field(16, ge=1, description="Most tokens generated per sample.")
     temperature: SamplingTemperature = Field(1.0, description="0 decodes greedily.")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from teacher_service.backends.base import Backend, GenerateItem, PromptInput, SamplingParams, ScoreItem
 from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded, TeacherError
-from teacher_service.media import MediaCount, MediaLimits, has_media, resolve_chat
+from teacher_service.media import MediaLimits, RequestMedia, has_media, resolve_chat
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.protocol import (
     ChatMessage,
@@ -181,10 +181,10 @@ class TeacherService:
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         backend = self._require_backend()
-        count = MediaCount()
+        media = RequestMedia(self.settings.media_limits, request.media)
         items = []
         for index, s in enumerate(request.sequences):
-            prompt = await self.prompt_input(s.prompt, f"sequences.{index}.prompt", count)
+            prompt = await self.prompt_input(s.prompt, f"sequences.{index}.prompt", media)
             completion = await self._completion_ids(s.completion)
             items.append(ScoreItem(prompt.ids, completion, request.top_logprobs, request.temperature, prompt.media))
         for index, item in enumerate(items):
@@ -197,8 +197,8 @@ class TeacherService:
         """n samples per prompt; `prompts`: the request's prompts already resolved (`prompt_input`)."""
         backend = self._require_backend()
         if prompts is None:
-            count = MediaCount()
-            prompts = [await self.prompt_input(prompt, f"prompts.{index}", count) for index, prompt in enumerate(request.prompts)]
+            media = RequestMedia(self.settings.media_limits, request.media)
+            prompts = [await self.prompt_input(prompt, f"prompts.{index}", media) for index, prompt in enumerate(request.prompts)]
         for index, prompt in enumerate(prompts):
             self._check_length(len(prompt.ids) + request.max_tokens, f"prompts.{index}")
         params = SamplingParams(
@@ -250,19 +250,19 @@ class TeacherService:
             return (await self.prompt_input(prompt, "prompt")).ids
         return prompt
 
-    async def prompt_input(self, prompt: str | list, field: str, count: MediaCount | None = None) -> PromptInput:
+    async def prompt_input(self, prompt: str | list, field: str, media: RequestMedia | None = None) -> PromptInput:
         """A prompt's token ids and, for chat turns holding pictures, its decoded media (refused at
-        `field` by a model that takes none); `count` tallies the media of one request against its limits."""
+        `field` by a model that takes none); `media`: the request's, shared by its prompts and counted against the limits."""
         backend = self._require_backend()
         if not (isinstance(prompt, list) and isinstance(prompt[0], ChatMessage)):
             return PromptInput(await self.prompt_ids(prompt))
         if has_media(prompt) and not backend.description.accepts_media:
             raise InvalidRequest("this teacher's model takes no images or videos", field=field)
-        chat = await asyncio.to_thread(resolve_chat, prompt, field, self.settings.media_limits, count or MediaCount())
-        media = chat.media()
-        if media is None:
+        chat = await asyncio.to_thread(resolve_chat, prompt, field, media or RequestMedia(self.settings.media_limits))
+        pictures = chat.media()
+        if pictures is None:
             return PromptInput(await asyncio.to_thread(backend.encode_chat, chat.messages))
-        return PromptInput(*await asyncio.to_thread(backend.encode_chat_media, chat.messages, media))
+        return PromptInput(*await asyncio.to_thread(backend.encode_chat_media, chat.messages, pictures))
 
     async def _completion_ids(self, completion: str | list[int]) -> list[int]:
         if isinstance(completion, str):

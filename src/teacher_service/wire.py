@@ -94,6 +94,10 @@ def _completion_data(completion: pb.Completion) -> Any:
     return completion.text if kind == "text" else None
 
 
+def _shared_media(request: Any) -> dict[str, Any]:
+    return {"media": [_source_url(source) for source in request.media]} if request.media else {}
+
+
 def _optional_fields(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
     fields = {name: getattr(message, name) for name in names if message.HasField(name)}
     if "logprobs_dtype" in fields:  # an unknown code stays a number, which validation refuses by field
@@ -106,6 +110,8 @@ def _options_pb(data: dict[str, Any], skip: str) -> dict[str, Any]:
     options = {key: value for key, value in data.items() if key != skip and value is not None}
     if "logprobs_dtype" in options:
         options["logprobs_dtype"] = _LOGPROBS_DTYPES[options["logprobs_dtype"]]
+    if "media" in options:
+        options["media"] = [_source_pb(url) for url in options["media"]]
     return options
 
 
@@ -117,6 +123,7 @@ def score_request_data(request: pb.ScoreRequest) -> dict[str, Any]:
         ],
         "top_logprobs": request.top_logprobs,
         **_optional_fields(request, ("temperature", "logprobs_dtype")),
+        **_shared_media(request),
     }
 
 
@@ -125,6 +132,7 @@ def generate_request_data(request: pb.GenerateRequest) -> dict[str, Any]:
         "prompts": [_prompt_data(p) for p in request.prompts],
         "top_logprobs": request.top_logprobs,
         **_optional_fields(request, ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs_dtype")),
+        **_shared_media(request),
     }
 
 

@@ -317,3 +317,36 @@ def test_query_sends_images_and_videos(vision_teacher, vhttp, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["query", vision_teacher.grpc_url, "generate", "--prompt", "?", "--image", str(tmp_path / "missing.png")])
     assert "missing.png" in capsys.readouterr().err
+
+
+# --- media shared by a request's prompts ---
+
+
+def test_shared_media_travel_once_and_count_once(vhttp, vstub):
+    """Five sequences naming one shared image and one shared video: the limits are 3 images and 2 videos."""
+    shared_chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "media:0"}},
+                                                {"type": "video_url", "video_url": {"frames": ["media:1", "media:2", "media:3"]}}]}]
+    inline_chat = [{"role": "user", "content": [image_part(RED), video_part(MOVING)]}]
+    completions = [[21], [22], [23, 24], [25], [26]]
+    shared = {"sequences": [{"prompt": shared_chat, "completion": c} for c in completions], "top_logprobs": 2,
+              "media": [data_url(RED), *map(data_url, MOVING)]}
+    inline = score(vhttp, [{"prompt": inline_chat, "completion": c} for c in completions[:2]], k=2)
+    over_http = vhttp.post("/v1/score", json=shared).json()["results"]
+    message = wire.score_request_pb(shared)
+    over_grpc = wire.score_response(vstub.Score(message)).results
+    assert message.ByteSize() < len(RED) + sum(map(len, MOVING)) + 500  # each picture once
+    for json_result, grpc_result in zip(over_http, over_grpc, strict=True):
+        assert_same_distributions(json_result, grpc_result)
+    for expected, result in zip(inline, over_http):
+        assert expected["prompt_tokens"] == result["prompt_tokens"]
+        np.testing.assert_allclose(result["token_logprobs"], expected["token_logprobs"], rtol=0, atol=ATOL)
+
+
+def test_shared_media_errors_name_the_entry_or_the_reference(vhttp):
+    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "media:1"}}]}]
+    request = {"sequences": [{"prompt": chat, "completion": [21]}], "media": [data_url(RED), data_url(b"not an image")]}
+    error = vhttp.post("/v1/score", json=request).json()["error"]
+    assert error["field"] == "media.1" and "not a PNG" in error["message"]
+    request["media"] = request["media"][:1]
+    error = vhttp.post("/v1/score", json=request).json()["error"]
+    assert error["field"] == "sequences.0.prompt.0.content.0.image_url.url" and "entry 1 of a media list of 1" in error["message"]
