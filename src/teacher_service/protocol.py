@@ -296,6 +296,11 @@ class ModelInfo(BaseModel):
     max_batch: int
     model_version: int = 0  # 0: unknown (a server that does not version its weights)
     accepts_media: bool = False  # prompts may hold images and videos
+    # Media limits (0 where unknown): per request, shared pictures counted once; per video; per image or frame.
+    max_images: int = 0
+    max_videos: int = 0
+    max_video_frames: int = 0
+    max_image_pixels: int = 0
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,10 @@ class TeacherService:
             eos_token_id=description.eos_token_id,
             model_version=self._backend.model_version,
             accepts_media=description.accepts_media,
+            max_images=self.settings.max_images,
+            max_videos=self.settings.max_videos,
+            max_video_frames=self.settings.max_video_frames,
+            max_image_pixels=self.settings.max_image_pixels,
             **asdict(self.limits),  # what the teacher enforces is what it reports
         )
 

@@ -161,6 +161,10 @@ def test_a_qwen2_vl_checkpoint_loads_without_torchvision(tmp_path):
 def test_the_fingerprint_covers_the_media_tokens(processor, vision_teacher, vhttp):
     info = vhttp.get("/v1/model").json()
     assert info["accepts_media"] is True
+    limits = {"max_images": 3, "max_videos": 2, "max_video_frames": 4, "max_image_pixels": 64 * 64}
+    assert {key: info[key] for key in limits} == limits
+    over_grpc = wire.model_info(pb.ModelInfo.FromString(vhttp.get("/v1/model", headers={"Accept": "application/x-protobuf"}).content))
+    assert over_grpc.accepts_media and over_grpc.max_images == 3 and over_grpc.max_image_pixels == 64 * 64
     assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(processor) != tokenizer_fingerprint(processor.tokenizer)
     renamed = copy.copy(processor)
     renamed.image_token = "<|vision_end|>"
