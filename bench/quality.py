@@ -1,6 +1,6 @@
 """Distillation quality at a fixed student budget: which way of learning from teachers works best.
 
-    python bench/quality.py [--world arith|noisy|specialists|guided] [--steps 2000] [--seeds 0 1 2]
+    python bench/quality.py [--world arith|noisy|specialists|guided|on-policy|self-distill] [--steps 2000] [--seeds 0 1 2]
                             [--methods NAME ...] [--train-rows 5000] [--output bench-quality]
 
 A world is a set of toy teachers and the rows (methods) compared on it:
@@ -12,6 +12,11 @@ A world is a set of toy teachers and the rows (methods) compared on it:
   mixture, and per-prompt routing (by task tags, by verified answer, by confidence, a gate).
 - guided: the main teacher; seq-kd against guidance on demand (teachers asked only where the
   student's own samples all fail), with the share of prompts that asked no teacher.
+- on-policy: the main teacher; off-policy logit-kd (forward KL on the data's completions) against
+  on-policy distillation (the student's own samples scored by the teacher: JSD(0.5), reverse KL,
+  and the policy-gradient form), at equal teacher calls (one scored sequence per prompt and step).
+- self-distill: SFT on the references against self-distillation, where an EMA of the student,
+  shown the reference answer in its prompt, scores the student's samples (no outside teacher).
 Builds (or reuses) the world's toy teachers, serves each with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
 steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
@@ -52,6 +57,8 @@ from trainer_client.trainer import train
 
 SEQ_KD = {"method": "seq-kd", "samples_per_prompt": 1, "sample_temperature": 1.0}
 MULTI = {"method": "multi-sample", "samples_per_prompt": 4, "sample_temperature": 1.0}
+# One student sample per prompt: as many sequences scored per step as logit-kd on the data.
+ON_POLICY = {"method": "on-policy", "student_samples": 1, "student_temperature": 1.0}
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,19 @@ WORLDS: dict[str, World] = {
         "guided, 4 student samples": {"method": "guided", "student_samples": 4, "student_temperature": 1.0,
                                       "samples_per_prompt": 1, "sample_temperature": 1.0},
     }),
+    "on-policy": World({"arith": ("arith", "")}, {
+        "logit-kd forward KL (off-policy, data)": {"method": "logit-kd", "loss": "forward_kl"},
+        "on-policy JSD(0.5)": {**ON_POLICY, "loss": "jsd", "beta": 0.5},
+        "on-policy reverse KL": {**ON_POLICY, "loss": "reverse_kl"},
+        "on-policy JSD(0.5), lambda 0.5": {**ON_POLICY, "loss": "jsd", "beta": 0.5, "gkd_lambda": 0.5},
+        "on-policy policy gradient (-k1)": {**ON_POLICY, "on_policy_update": "policy-gradient"},
+    }),
+    "self-distill": World({"arith": ("arith", "")}, {
+        "sft on ground truth": {"method": "sft"},
+        "self-distill, EMA teacher, reference in context": {
+            "method": "self-distill", "use": ["ema"], "privileged_template": "{prompt}{reference}\n{prompt}", "loss": "forward_kl",
+            "student_samples": 1, "teacher_push_interval": 10},
+    }),
 }
 CHECKPOINTS = 4  # accuracy is measured every steps / CHECKPOINTS
 
@@ -131,7 +151,8 @@ def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
     run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
     if not _finished(run_dir, bench.steps):
         settings = dict(settings)
-        teachers = [bench.teacher_urls[name] for name in settings.pop("use", bench.teacher_urls)]
+        # A name the world does not serve is passed on as it is: a self-teacher (ema, self, lagged).
+        teachers = [bench.teacher_urls.get(name, name) for name in settings.pop("use", bench.teacher_urls)]
         if settings.get("select") == "judge":  # the toy judge, asked exactly as it was trained
             settings.update(judges=[bench.judge_url], judge_rubrics={"correctness": JUDGE_RUBRIC}, judge_yes=JUDGE_YES, judge_no=JUDGE_NO)
         config = TrainConfig(
@@ -146,11 +167,14 @@ def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
 
 
 def method_statistics(bench: Bench, method: str, seed: int) -> dict[str, float]:
-    """A run's method statistics (routing shares, acceptance, calls saved...) averaged over its log lines."""
+    """A run's method statistics (routing shares, acceptance, calls saved...) averaged over its log lines,
+    and the requests it sent its teachers (`teacher/requests`, from teacher_traffic.json)."""
     run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     keys = sorted({k for m in records for k in m if k.startswith(METHOD_STAT_PREFIXES)})
-    return {k: statistics.mean(m[k] for m in records if k in m) for k in keys}
+    traffic = run_dir / "teacher_traffic.json"
+    requests = {"teacher/requests": sum(e["requests"] for e in json.loads(traffic.read_text()).values())} if traffic.exists() else {}
+    return {**{k: statistics.mean(m[k] for m in records if k in m) for k in keys}, **requests}
 
 
 def teacher_confidence(teacher_url: str, eval_rows: list[dict]) -> tuple[float, float]:

@@ -74,8 +74,9 @@ class OnPolicy(Method):
         return random.Random(step_seed(self.config, micro)).random() < self.config.gkd_lambda
 
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> list[PromptGroup] | None:
-        self.stats.add("on_policy/student_batches", float(self.on_student_samples(step)))
-        if not self.on_student_samples(step):
+        on_policy = self.on_student_samples(step)
+        self.stats.add("on_policy/student_batches", float(on_policy))
+        if not on_policy:
             return None
         config = self.config
         return student_rollouts(student, self.tokens, rows, config.student_samples, config.max_new_tokens,

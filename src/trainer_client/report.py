@@ -58,7 +58,7 @@ def _plot_traffic(traffic: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-METHOD_STAT_PREFIXES = ("route/", "select/", "judge/", "guided/", "adversarial/", "rl/", "visd/")
+METHOD_STAT_PREFIXES = ("route/", "select/", "judge/", "guided/", "adversarial/", "rl/", "visd/", "on_policy/")
 
 
 def _method_stats(records: list[dict]) -> dict[str, tuple[float, float]]:
