@@ -17,9 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-from potstill.toy.vlm import ToyQwen2VLProcessor  # importing it registers it with AutoProcessor
+from transformers import AutoConfig
 
 # Model types whose processor `ToyQwen2VLProcessor` reproduces (same tokens, same patch layout).
 QWEN2_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -32,6 +30,11 @@ def is_vision_model(path: str | Path) -> bool:
 
 def load_processor(path: str | Path) -> Any:
     """The model's processor: `AutoProcessor`'s, or for Qwen2-VL without torchvision the toy one."""
+    # Imported here: transformers' processor modules take seconds to import, which a text model's start should not pay.
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    from potstill.toy.vlm import ToyQwen2VLProcessor  # importing it registers it with AutoProcessor
+
     try:
         return AutoProcessor.from_pretrained(path)
     except (AttributeError, ImportError, OSError, TypeError, ValueError):  # transformers' video processors without torchvision
