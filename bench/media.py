@@ -7,7 +7,7 @@ Starts a vision teacher (the toy world's tiny Qwen2-VL, untrained, built on the 
 ports and scores K sequences that show the same picture (a noisy `side` x `side` PNG, the K samples
 of one prompt): once with the picture inline in each sequence's prompt, once in the request's
 `media` list named `media:0`. Prints the request sizes as JSON and protobuf, and the median time of
-a protobuf score over HTTP. Then it sends a 59-byte PNG declaring 100000 x 100000 pixels (30 GB
+a protobuf score over HTTP. Then it sends a 65-byte PNG declaring 100000 x 100000 pixels (30 GB
 decoded) and reports how long the 400 takes.
 """
 
