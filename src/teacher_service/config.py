@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from potstill.flags import env_name
@@ -74,8 +75,8 @@ class ServeOptions(BaseModel):
     max_videos: int = Field(MediaLimits.max_videos, ge=0, description="Most videos one request may carry (vision models).")
     max_video_frames: int = Field(MediaLimits.max_video_frames, ge=1, description="Most frames of one video.")
     max_image_pixels: int = Field(
-        MediaLimits.max_image_pixels, ge=1, le=2**28, description="Most pixels (width x height) of one image or frame, "
-        "checked from the file's header before anything is decoded.",
+        MediaLimits.max_image_pixels, ge=1, le=Image.MAX_IMAGE_PIXELS, description="Most pixels (width x height) of one image "
+        "or frame, checked from the file's header before anything is decoded (at most Pillow's own bomb limit).",
     )
     allowed_local_media_path: str | None = Field(
         None, description="Directory whose files prompts may name as file: URLs (images, animated videos); none: only data: URLs.",

@@ -587,6 +587,9 @@ class OpenAITeacherClient:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             if self.tokenizer is None:
                 raise TeacherRequestError("chat prompts need the tokenizer (connect_client(url, tokenizer=...))", url=self.url, field=field)
+            if any(not isinstance(m.get("content"), str) and any(p.get("type") != "text" for p in m["content"]) for m in prompt):
+                raise TeacherRequestError("images and videos need a grpc:// or http(s):// teacher URL: the OpenAI-compatible "
+                                          "client sends token ids only", url=self.url, field=field)
             return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
         return await self._text_ids(prompt, field, True)
 

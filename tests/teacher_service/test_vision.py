@@ -354,3 +354,20 @@ def test_shared_media_errors_name_the_entry_or_the_reference(vhttp):
     request["media"] = request["media"][:1]
     error = vhttp.post("/v1/score", json=request).json()["error"]
     assert error["field"] == "sequences.0.prompt.0.content.0.image_url.url" and "entry 1 of a media list of 1" in error["message"]
+
+
+def test_the_openai_compatible_client_refuses_pictures_rather_than_drop_them(vision_teacher, processor):
+    import asyncio
+
+    from trainer_client.teachers import TeacherRequestError, connect_client
+
+    async def ask():
+        client = connect_client(f"openai+{vision_teacher.http_url}/v1", tokenizer=processor.tokenizer)
+        try:
+            await client.score({"sequences": [{"prompt": IMAGE_CHAT, "completion": [21]}], "top_logprobs": 1})
+        finally:
+            await client.close()
+
+    with pytest.raises(TeacherRequestError) as refused:
+        asyncio.run(ask())
+    assert "images and videos need a grpc:// or http(s):// teacher URL" in str(refused.value)
