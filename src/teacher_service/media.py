@@ -156,17 +156,18 @@ class RequestMedia:
         """The frames of the video part at `field`."""
         sources = [video.url] if video.url is not None else video.frames
         self._count("video", " ".join(sources) if all(shared_index(u) is not None for u in sources) else None, field)
-        field = f"{field}.video_url"
         if video.url is not None:
-            return self._decode(video.url, f"{field}.url", decode_animation)
-        if len(video.frames) > self.limits.max_video_frames:
-            raise InvalidRequest(f"{len(video.frames)} frames exceed the limit of {self.limits.max_video_frames} (max_video_frames)",
-                                 field=f"{field}.frames")
-        frames = [self._decode(url, f"{field}.frames.{i}", decode_image) for i, url in enumerate(video.frames)]
+            return self._decode(video.url, f"{field}.video_url.url", decode_animation)
+        return self._frames(video.frames, f"{field}.video_url.frames")
+
+    def _frames(self, urls: list[str], field: str) -> list[Image.Image]:
+        if len(urls) > self.limits.max_video_frames:
+            raise InvalidRequest(f"{len(urls)} frames exceed the limit of {self.limits.max_video_frames} (max_video_frames)", field=field)
+        frames = [self._decode(url, f"{field}.{i}", decode_image) for i, url in enumerate(urls)]
         for i, frame in enumerate(frames):
             if frame.size != frames[0].size:
                 raise InvalidRequest(f"frame of {frame.size[0]}x{frame.size[1]} pixels in a video of {frames[0].size[0]}x{frames[0].size[1]}",
-                                     field=f"{field}.frames.{i}")
+                                     field=f"{field}.{i}")
         return frames
 
     def _count(self, kind: str, shared_key: str | None, field: str) -> None:

@@ -37,9 +37,9 @@ from teacher_service.backends.base import (
     SamplingParams,
     ScoreItem,
 )
-from teacher_service.media import PromptMedia
 from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
 from teacher_service.batching import Batcher, BatchingSettings
+from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
 from teacher_service.weights import check_weights, copy_weights
 
