@@ -207,8 +207,9 @@ class ResolvedChat:
         return PromptMedia(tuple(self.images), tuple(map(tuple, self.videos))) if self.images or self.videos else None
 
 
-def has_media(messages: list[Any]) -> bool:
-    return any(part.type != "text" for m in messages if not isinstance(m.content, str) for part in m.content)
+def has_media(messages: list[Any], kinds: tuple[str, ...] = ("image_url", "video_url")) -> bool:
+    """Whether chat turns (pydantic `ChatMessage`s) hold parts of `kinds`."""
+    return any(part.type in kinds for m in messages if not isinstance(m.content, str) for part in m.content)
 
 
 def resolve_chat(messages: list[Any], field: str, media: RequestMedia) -> ResolvedChat:

@@ -295,7 +295,8 @@ class ModelInfo(BaseModel):
     eos_token_id: int
     max_batch: int
     model_version: int = 0  # 0: unknown (a server that does not version its weights)
-    accepts_media: bool = False  # prompts may hold images and videos
+    accepts_media: bool = False  # prompts may hold images
+    accepts_video: bool = False  # and videos
     # Media limits (0 where unknown): per request, shared pictures counted once; per video; per image or frame.
     max_images: int = 0
     max_videos: int = 0

@@ -176,6 +176,7 @@ class TeacherService:
             eos_token_id=description.eos_token_id,
             model_version=self._backend.model_version,
             accepts_media=description.accepts_media,
+            accepts_video=description.accepts_video,
             max_images=self.settings.max_images,
             max_videos=self.settings.max_videos,
             max_video_frames=self.settings.max_video_frames,
@@ -262,6 +263,8 @@ class TeacherService:
             return PromptInput(await self.prompt_ids(prompt))
         if has_media(prompt) and not backend.description.accepts_media:
             raise InvalidRequest("this teacher's model takes no images or videos", field=field)
+        if has_media(prompt, ("video_url",)) and not backend.description.accepts_video:
+            raise InvalidRequest("this teacher's model takes images but no videos", field=field)
         chat = await asyncio.to_thread(resolve_chat, prompt, field, media or RequestMedia(self.settings.media_limits))
         pictures = chat.media()
         if pictures is None:

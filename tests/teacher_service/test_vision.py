@@ -82,10 +82,9 @@ def processor(vlm_dir):
     return load_processor(vlm_dir)
 
 
-@pytest.fixture(scope="module")
-def reference(vlm_dir, processor):
+def direct_reference(model_dir: str, processor):
     """log_softmax of a direct forward of the model on the processor's inputs, at the completion positions: [L, V]."""
-    model = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     @torch.inference_mode()
     def logprobs(chat: list[dict], completion_ids: list[int]) -> np.ndarray:
@@ -93,12 +92,26 @@ def reference(vlm_dir, processor):
         prompt_length = inputs["input_ids"].shape[1]
         tail = torch.tensor([completion_ids])
         inputs["input_ids"] = torch.cat([inputs["input_ids"], tail], 1)
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], 1)
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL's: completion tokens are text
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], 1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         logits = model(**inputs).logits[0].double()
         return torch.log_softmax(logits[prompt_length - 1 : -1], dim=-1).numpy()
 
     return logprobs
+
+
+@pytest.fixture(scope="module")
+def reference(vlm_dir, processor):
+    return direct_reference(vlm_dir, processor)
+
+
+def assert_scores_match(results: list[dict], chats: list, completions: list[list[int]], reference, k: int) -> None:
+    for chat, completion, result in zip(chats, completions, results, strict=True):
+        expected = reference(chat, completion)
+        np.testing.assert_allclose(result["token_logprobs"], expected[np.arange(len(completion)), completion], rtol=0, atol=ATOL)
+        np.testing.assert_array_equal(result["top_ids"], np.argsort(-expected, axis=-1, kind="stable")[:, :k])
+        np.testing.assert_allclose(result["top_logprobs"], -np.sort(-expected, axis=-1)[:, :k], rtol=0, atol=ATOL)
 
 
 def processor_inputs(processor, chat: list[dict]) -> dict:
@@ -160,7 +173,7 @@ def test_a_qwen2_vl_checkpoint_loads_without_torchvision(tmp_path):
 
 def test_the_fingerprint_covers_the_media_tokens(processor, vision_teacher, vhttp):
     info = vhttp.get("/v1/model").json()
-    assert info["accepts_media"] is True
+    assert info["accepts_media"] is info["accepts_video"] is True
     limits = {"max_images": 3, "max_videos": 2, "max_video_frames": 4, "max_image_pixels": 64 * 64}
     assert {key: info[key] for key in limits} == limits
     over_grpc = wire.model_info(pb.ModelInfo.FromString(vhttp.get("/v1/model", headers={"Accept": "application/x-protobuf"}).content))
@@ -179,11 +192,7 @@ def test_image_and_video_scores_equal_a_direct_forward(vhttp, reference):
     chats = [IMAGE_CHAT, VIDEO_CHAT, BOTH_CHAT, [{"role": "user", "content": "no picture"}]]
     completions = [[21, 22, 23], [30], [40, 41], [50, 51]]
     results = score(vhttp, [{"prompt": c, "completion": ids} for c, ids in zip(chats, completions)], k=4)
-    for chat, completion, result in zip(chats, completions, results, strict=True):
-        expected = reference(chat, completion)
-        np.testing.assert_allclose(result["token_logprobs"], expected[np.arange(len(completion)), completion], rtol=0, atol=ATOL)
-        np.testing.assert_array_equal(result["top_ids"], np.argsort(-expected, axis=-1, kind="stable")[:, :4])
-        np.testing.assert_allclose(result["top_logprobs"], -np.sort(-expected, axis=-1)[:, :4], rtol=0, atol=ATOL)
+    assert_scores_match(results, chats, completions, reference, k=4)
 
 
 def test_the_picture_reaches_the_model(vhttp):
@@ -371,3 +380,54 @@ def test_the_openai_compatible_client_refuses_pictures_rather_than_drop_them(vis
     with pytest.raises(TeacherRequestError) as refused:
         asyncio.run(ask())
     assert "images and videos need a grpc:// or http(s):// teacher URL" in str(refused.value)
+
+
+# --- a LLaVA-style model: images only, pixel_values stacked per image ---
+
+
+def build_tiny_llava(path) -> str:
+    """A tiny untrained LLaVA (CLIP vision tower, Llama decoder) with its processor (PIL image processor)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from potstill.toy.tokenizer import build_tokenizer
+    from potstill.toy.vlm import VLM_CHAT_TEMPLATE
+
+    tokenizer = build_tokenizer(extra_special_tokens=("<image>",))
+    template = VLM_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=template,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_a_llava_style_teacher_scores_images_exactly_and_refuses_videos(tmp_path):
+    path = build_tiny_llava(tmp_path / "llava")
+    llava_processor = load_processor(path)
+    llava_reference = direct_reference(path, llava_processor)
+    chats = [IMAGE_CHAT, [{"role": "user", "content": "no picture"}], [{"role": "user", "content": [image_part(BLUE), image_part(RED)]}]]
+    completions = [[21, 22], [30], [40, 41, 42]]
+    with BackgroundTeacher(ServeOptions(model=path, http_port=0, grpc_port=0)) as teacher, httpx.Client(base_url=teacher.http_url, timeout=60) as client:
+        info = client.get("/v1/model").json()
+        assert (info["accepts_media"], info["accepts_video"]) == (True, False)
+        results = score(client, [{"prompt": c, "completion": ids} for c, ids in zip(chats, completions)], k=3)
+        assert [r["prompt_tokens"] for r in results] == [processor_inputs(llava_processor, c)["input_ids"].shape[1] for c in chats]
+        assert (processor_inputs(llava_processor, chats[2])["input_ids"] == llava_processor.image_token_id).sum() == 8  # 4 per image
+        assert_scores_match(results, chats, completions, llava_reference, k=3)
+        samples = client.post("/v1/generate", json={"prompts": [IMAGE_CHAT], "n": 2, "max_tokens": 3, "seed": 0}).json()
+        assert len(samples["results"][0]["samples"]) == 2
+        refused = client.post("/v1/score", json={"sequences": [{"prompt": VIDEO_CHAT, "completion": [21]}]})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["field"] == "sequences.0.prompt" and "no videos" in refused.json()["error"]["message"]

@@ -99,7 +99,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch", "model_version", "accepts_media", "max_images", "max_videos", "max_video_frames", "max_image_pixels")
+    __slots__ = ("model", "backend", "vocab_size", "max_model_len", "max_top_logprobs", "max_samples", "tokenizer_fingerprint", "max_new_tokens", "eos_token_id", "max_batch", "model_version", "accepts_media", "max_images", "max_videos", "max_video_frames", "max_image_pixels", "accepts_video")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class ModelInfo(_message.Message):
     MAX_VIDEOS_FIELD_NUMBER: _ClassVar[int]
     MAX_VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_VIDEO_FIELD_NUMBER: _ClassVar[int]
     model: str
     backend: str
     vocab_size: int
@@ -132,7 +133,8 @@ class ModelInfo(_message.Message):
     max_videos: int
     max_video_frames: int
     max_image_pixels: int
-    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ..., model_version: _Optional[int] = ..., accepts_media: _Optional[bool] = ..., max_images: _Optional[int] = ..., max_videos: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    accepts_video: bool
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_samples: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch: _Optional[int] = ..., model_version: _Optional[int] = ..., accepts_media: _Optional[bool] = ..., max_images: _Optional[int] = ..., max_videos: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., accepts_video: _Optional[bool] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
     __slots__ = ("prompt", "completion")

@@ -47,7 +47,8 @@ class ModelDescription:
     max_model_len: int
     eos_token_id: int  # -1 where the tokenizer has none
     tokenizer_fingerprint: str
-    accepts_media: bool = False  # a vision model: prompts may hold images and videos
+    accepts_media: bool = False  # a vision model: prompts may hold images
+    accepts_video: bool = False  # and videos (its processor has a video processor)
 
 
 @dataclass(frozen=True)

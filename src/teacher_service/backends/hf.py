@@ -100,6 +100,7 @@ class HFBackend:
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
             tokenizer_fingerprint=tokenizer_fingerprint(processor or tokenizer),
             accepts_media=processor is not None,
+            accepts_video=getattr(processor, "video_processor", None) is not None,
         )
         # A sample ends at any end token the model declares (chat models add end-of-turn ids).
         declared = getattr(model.generation_config, "eos_token_id", None)

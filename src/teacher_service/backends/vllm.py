@@ -54,6 +54,7 @@ class VLLMBackend:
             eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
             tokenizer_fingerprint=tokenizer_fingerprint(processor or tokenizer),
             accepts_media=processor is not None,
+            accepts_video=getattr(processor, "video_processor", None) is not None,
         )
         self._request_ids = itertools.count()
         self._in_flight: dict[str, asyncio.Future] = {}
