@@ -431,3 +431,37 @@ def test_a_llava_style_teacher_scores_images_exactly_and_refuses_videos(tmp_path
         refused = client.post("/v1/score", json={"sequences": [{"prompt": VIDEO_CHAT, "completion": [21]}]})
         assert refused.status_code == 400
         assert refused.json()["error"]["field"] == "sequences.0.prompt" and "no videos" in refused.json()["error"]["message"]
+
+
+# --- one pass holding several prompts' pictures ---
+
+
+def test_a_generate_pass_with_pictures_gives_each_prompt_what_it_gets_alone(vlm_dir):
+    from teacher_service.backends.base import BackendConfig, GenerateItem, SamplingParams
+    from teacher_service.backends.hf import HFBackend
+    from teacher_service.media import PromptMedia
+
+    backend = HFBackend.load(BackendConfig(model=vlm_dir))
+    try:
+        def picture(data: bytes) -> Image.Image:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+
+        image = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]}
+        video = {"role": "user", "content": [{"type": "text", "text": "which way?"}, {"type": "video"}]}
+        prompts = [backend.encode_chat_media([image], PromptMedia(images=(picture(RED),))),
+                   backend.encode_chat_media([video], PromptMedia(videos=(tuple(map(picture, MOVING)),))),
+                   (backend.encode_chat([{"role": "user", "content": "no picture here"}]), None)]
+        settings = [SamplingParams(n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=7, top_logprobs=2),
+                    SamplingParams(n=1, max_tokens=3, temperature=0.0, top_p=1.0, seed=None, top_logprobs=2),
+                    SamplingParams(n=1, max_tokens=4, temperature=0.7, top_p=0.9, seed=3, top_logprobs=2)]
+        items = [GenerateItem(ids, params, media) for (ids, media), params in zip(prompts, settings)]
+        together = backend.generate_now(items)  # one pass, left-padded rows of different lengths
+        for item, shared in zip(items, together, strict=True):
+            [alone] = backend.generate_now([item])
+            assert shared.prompt_tokens == alone.prompt_tokens == len(item.prompt_ids)
+            for one, other in zip(alone.samples, shared.samples, strict=True):
+                assert one.token_ids.tolist() == other.token_ids.tolist()
+                np.testing.assert_allclose(one.token_logprobs, other.token_logprobs, rtol=0, atol=ATOL)
+                np.testing.assert_allclose(one.top_logprobs, other.top_logprobs, rtol=0, atol=ATOL)
+    finally:
+        backend.close()
