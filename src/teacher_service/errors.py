@@ -104,10 +104,10 @@ def unexpected(error: BaseException) -> TeacherError:
 
 def from_validation_error(error: ValidationError) -> InvalidRequest:
     """The first schema violation, with its location as a dotted field path (`sequences.0.prompt`)."""
-    from teacher_service.protocol import INPUT_FORMS
+    from teacher_service.protocol import FORM_TAG
 
     first = error.errors(include_url=False)[0]
-    # A union's branch tag ("text", "token_ids") is in the location but names no field the caller sent.
-    field = ".".join(str(part) for part in first["loc"] if part not in INPUT_FORMS) or "body"
+    # A union's branch tag (FORM_TAG + "text", ...) is in the location but names no field the caller sent.
+    field = ".".join(str(part) for part in first["loc"] if not str(part).startswith(FORM_TAG)) or "body"
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(message, field=field)

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
@@ -36,6 +36,7 @@ from teacher_service.protocol import (
     CompletionRequest,
     GenerateRequest,
     LoadWeightsRequest,
+    OpenAIRequest,
     ScoreRequest,
     WeightsVersion,
 )
@@ -53,6 +54,7 @@ REQUEST_SCHEMAS = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
 }
+IGNORED_FIELDS_HEADER = "X-Potstill-Ignored-Fields"
 CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up: counted, never sent
 
 log = logging.getLogger("potstill.http")
@@ -251,8 +253,11 @@ async def model_info(request: Request) -> Response:
 @_model_routes.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """OpenAI's model list, so tools that look up the model name first work."""
-    info = _service(request).model_info()
-    return JSONResponse({"object": "list", "data": [{"id": info.model, "object": "model", "owned_by": "potstill"}]})
+    service = _service(request)
+    info = service.model_info()
+    card = {"id": info.model, "object": "model", "created": service.created, "owned_by": "potstill", "root": info.model,
+            "parent": None, "max_model_len": info.max_model_len, "permission": []}
+    return JSONResponse({"object": "list", "data": [card]})
 
 
 @_model_routes.post("/v1/score")
@@ -272,15 +277,33 @@ async def generate(request: Request) -> Response:
 
 
 @_model_routes.post("/v1/completions")
-async def completions(request: Request) -> JSONResponse:
+async def completions(request: Request) -> Response:
     parsed = _service(request).parse(CompletionRequest, await _request_data(request))
-    return JSONResponse(await request.app.state.openai.completions(parsed))
+    openai = request.app.state.openai
+    return await _openai_answer(parsed, openai.completions_stream if parsed.stream else openai.completions)
 
 
 @_model_routes.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> JSONResponse:
+async def chat_completions(request: Request) -> Response:
     parsed = _service(request).parse(ChatCompletionRequest, await _request_data(request))
-    return JSONResponse(await request.app.state.openai.chat_completions(parsed))
+    openai = request.app.state.openai
+    return await _openai_answer(parsed, openai.chat_completions_stream if parsed.stream else openai.chat_completions)
+
+
+async def _openai_answer(parsed: OpenAIRequest, answer) -> Response:
+    """JSON, or server-sent events for `stream: true`; fields ignored as vLLM ignores them are named
+    in a header (and logged), so a misspelt setting does not pass unnoticed."""
+    ignored = parsed.ignored_fields
+    headers = {}
+    if ignored:
+        # A JSON list (ASCII, escaped), cut short: the names are the caller's, of any length or number.
+        shown = [name[:64] for name in ignored[:16]] + (["..."] if len(ignored) > 16 else [])
+        headers[IGNORED_FIELDS_HEADER] = json.dumps(shown)
+        log.warning("ignored unknown request fields: %s", headers[IGNORED_FIELDS_HEADER])
+    result = await answer(parsed)
+    if parsed.stream:
+        return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+    return JSONResponse(result, headers=headers)
 
 
 @_admin_routes.post("/admin/v1/weights")

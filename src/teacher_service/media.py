@@ -209,19 +209,18 @@ class ResolvedChat:
 
 def has_media(messages: list[Any], kinds: tuple[str, ...] = ("image_url", "video_url")) -> bool:
     """Whether chat turns (pydantic `ChatMessage`s) hold parts of `kinds`."""
-    return any(part.type in kinds for m in messages if not isinstance(m.content, str) for part in m.content)
+    return any(part.type in kinds for m in messages for part in m.parts)
 
 
 def resolve_chat(messages: list[Any], field: str, media: RequestMedia) -> ResolvedChat:
     """Decode the media of chat turns (pydantic `ChatMessage`s) at `field`; blocking, run it on a thread."""
     resolved = ResolvedChat(messages=[])
     for m, message in enumerate(messages):
-        if isinstance(message.content, str) or all(part.type == "text" for part in message.content):
-            text = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
-            resolved.messages.append({"role": message.role, "content": text})
+        if all(part.type == "text" for part in message.parts):
+            resolved.messages.append({**message.template_fields(), "content": message.text})
             continue
         parts = [_resolve_part(part, f"{field}.{m}.content.{p}", media, resolved) for p, part in enumerate(message.content)]
-        resolved.messages.append({"role": message.role, "content": parts})
+        resolved.messages.append({**message.template_fields(), "content": parts})
     return resolved
 
 

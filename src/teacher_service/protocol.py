@@ -25,9 +25,10 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
-from teacher_service.errors import from_validation_error
+from teacher_service.errors import InvalidRequest, from_validation_error
 from teacher_service.media import ContentPart
 
 
@@ -36,6 +37,9 @@ CHARS_PER_TOKEN_BOUND = 32
 # Far below this, logits / temperature overflow float32 and the log-probs turn to NaN. About 1.5e-5
 # (vLLM's epsilon is 1e-5); a power of two, so the float32 field of protobuf requests holds it exactly.
 MIN_TEMPERATURE = 2.0**-16
+# Each stop string is looked for in every sample's text after every step: their number and length are bounded.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class Limits:
         """The most characters a text may have: checked before tokenising, so a huge text never
         reaches the tokenizer (it would hold the CPU and the memory for minutes)."""
         return self.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_model_len
+
+
+# Marks a union member's tag in validation errors' locations, where it names no field the caller sent.
+FORM_TAG = "form:"
 
 
 class StrictModel(BaseModel):
@@ -79,12 +87,8 @@ def _short_enough(text: str, info: ValidationInfo) -> str:
     return text
 
 
-def _text_of(content: str | list) -> str:
-    return content if isinstance(content, str) else "".join(part.text for part in content if part.type == "text")
-
-
 def _chat_short_enough(messages: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
-    _short_enough("".join(_text_of(message.content) for message in messages), info)
+    _short_enough("".join(message.text for message in messages), info)
     return messages
 
 
@@ -94,31 +98,52 @@ def _zero_or_at_least_minimum(temperature: float) -> float:
     return temperature
 
 
-def _not_streamed(stream: bool) -> bool:
-    if stream:
-        raise ValueError("streaming is not supported; send false or leave it out")
-    return stream
-
-
 TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), AfterValidator(_within_vocabulary)]
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_short_enough)]
 # Sampling: 0 decodes greedily; between 0 and MIN_TEMPERATURE the arithmetic would not hold.
 SamplingTemperature = Annotated[float, Field(ge=0, le=100), AfterValidator(_zero_or_at_least_minimum)]
-# Strictly a boolean (1 or "false" are refused), and only false: answers are never streamed.
-NoStream = Annotated[bool, AfterValidator(_not_streamed)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 def _content_kind(value: Any) -> str | None:
     return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
 
 
+# Text, or content parts: text, images and videos (`teacher_service.media`).
+ChatContent = Annotated[
+    Union[
+        Annotated[str, Tag(FORM_TAG + "text")],
+        Annotated[list[ContentPart], Field(min_length=1), Tag(FORM_TAG + "parts")],
+    ],
+    Discriminator(lambda value: FORM_TAG + form if (form := _content_kind(value)) else None,
+                  custom_error_type="invalid_form", custom_error_message="must be text or a list of content parts"),
+]
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
-    # Text, or content parts: text, images and videos (`teacher_service.media`).
-    content: Annotated[
-        Union[Annotated[str, Tag("text")], Annotated[list[ContentPart], Field(min_length=1), Tag("parts")]],
-        Discriminator(_content_kind, custom_error_type="invalid_form", custom_error_message="must be text or a list of content parts"),
-    ]
+    """One chat turn. Content may be text or OpenAI content parts; the roles and fields are those
+    chat templates read (a `tool` turn answers the assistant's `tool_calls` by `tool_call_id`)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: ChatContent | None  # null: an assistant turn made of tool calls
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @property
+    def text(self) -> str:
+        """The turn's text: text parts joined by newlines, as vLLM joins them for a template."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content if part.type == "text")
+        return self.content or ""
+
+    @property
+    def parts(self) -> list[ContentPart]:
+        return self.content if isinstance(self.content, list) else []
+
+    def template_fields(self) -> dict[str, Any]:
+        """What a chat template reads of the turn besides its content (unset fields left out)."""
+        return self.model_dump(exclude_none=True, exclude={"content"})
 
 
 ChatPrompt = Annotated[list[ChatMessage], Field(min_length=1), AfterValidator(_chat_short_enough)]
@@ -134,15 +159,21 @@ def _input_kind(value: Any) -> str | None:
     return None
 
 
-def _one_of(*forms: tuple[str, Any]) -> Any:
-    names = " or ".join(tag for tag, _ in forms)
+def _completion_prompt_kind(value: Any) -> str | None:
+    """Which form an OpenAI completion prompt takes: one text or token list, or a batch of either."""
+    if isinstance(value, list) and value and isinstance(value[0], str | list):
+        return "texts" if isinstance(value[0], str) else "token_id_lists"
+    return _input_kind(value)
+
+
+def _one_of(*forms: tuple[str, Any], kind=_input_kind) -> Any:
+    """A union of named forms, told apart by `kind(value)` (a form's name)."""
+    names = " or ".join(name for name, _ in forms)
     return Annotated[
-        Union[tuple(Annotated[kind, Tag(tag)] for tag, kind in forms)],
-        Discriminator(_input_kind, custom_error_type="invalid_form", custom_error_message=f"must be {names}"),
+        Union[tuple(Annotated[form, Tag(FORM_TAG + name)] for name, form in forms)],
+        Discriminator(lambda value: FORM_TAG + form if (form := kind(value)) else None,
+                      custom_error_type="invalid_form", custom_error_message=f"must be {names}"),
     ]
-
-
-INPUT_FORMS = ("text", "token_ids", "chat", "parts")
 # A prompt: raw text, token ids, or chat turns rendered with the model's chat template.
 Prompt = _one_of(("text", NonEmptyText), ("token_ids", TokenIdList), ("chat", ChatPrompt))
 # A completion to score: raw text or token ids.
@@ -166,6 +197,45 @@ def _check_batch(items: list, info: ValidationInfo) -> list:
     if len(items) > limit:
         raise ValueError(f"at most {limit} items per request")
     return items
+
+
+def _stop_ids_in_vocabulary(ids: list[int], info: ValidationInfo) -> list[int]:
+    return _within_vocabulary(ids, info) if ids else ids
+
+
+class SamplingSettings(StrictModel):
+    """What shapes a sample besides temperature and top-p, with vLLM's meanings (`SamplingParams`).
+
+    Penalties act on the logits before temperature: presence and frequency on the tokens sampled
+    so far (`logit - frequency x count - presence x [count > 0]`), repetition on those of the prompt
+    and the sample (a positive logit divided by it, a negative one multiplied). Then top-k, min-p
+    and top-p restrict what is drawn from.
+    """
+
+    temperature: SamplingTemperature = Field(1.0, description="0 decodes greedily.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Draw from the smallest set of most likely tokens holding this mass.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Makes the samples reproducible.")
+    top_k: int = Field(0, ge=-1, description="Draw among the k most likely tokens only; 0 or -1: all tokens.")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from the logit of every token sampled so far.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Times its count so far, subtracted from a token's logit.")
+    # Bounded below: dividing a logit by a vanishing penalty overflows (vLLM takes any positive value).
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="Divides (or multiplies, when negative) the logits of tokens seen in the prompt or the sample; 1: off.")
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS, description="A sample ends before the first of these texts (one text or a list); the text is left out.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="A sample ends with any of these tokens (kept in the sample).")
+    ignore_eos: bool = Field(False, description="Keep sampling past the end-of-sequence token.")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the sample's text.")
+
+    _stop_ids_vocabulary = field_validator("stop_token_ids")(_stop_ids_in_vocabulary)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_is_a_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """These settings as keyword arguments of the backend's `SamplingParams`."""
+        return {name: getattr(self, name) for name in SamplingSettings.model_fields}
 
 
 class ScoreSequence(StrictModel):
@@ -193,14 +263,11 @@ class ScoreRequest(StrictModel):
     _batch_limit = field_validator("sequences")(_check_batch)
 
 
-class GenerateRequest(StrictModel):
+class GenerateRequest(SamplingSettings):
     prompts: list[Prompt] = Field(min_length=1)
     media: list[Annotated[str, Field(min_length=1)]] = Field([], description=SHARED_MEDIA_HELP)
     n: int = Field(1, ge=1, description="Samples per prompt.")
     max_tokens: int = Field(16, ge=1, description="Most tokens generated per sample.")
-    temperature: SamplingTemperature = Field(1.0, description="0 decodes greedily.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Makes the samples reproducible.")
     top_logprobs: int = Field(0, ge=0)
     logprobs_dtype: LogprobsDType = Field("float32", description=LOGPROBS_DTYPE_HELP)
 
@@ -210,47 +277,132 @@ class GenerateRequest(StrictModel):
     _batch_limit = field_validator("prompts")(_check_batch)
 
 
-# --- OpenAI-compatible requests (the fields the official client sends; others are refused) ---
+# --- OpenAI-compatible requests ---
+
+# Fields vLLM's OpenAI server takes that this teacher does not serve, with the values that ask for
+# nothing (those pass): any other value is refused by name, since ignoring it would change the answer.
+UNSERVED_OPENAI_FIELDS: dict[str, Any] = {
+    "logit_bias": lambda value: not value,
+    "tools": lambda value: not value,
+    "tool_choice": lambda value: value == "none",
+    "response_format": lambda value: isinstance(value, dict) and value.get("type") == "text",
+    "structured_outputs": lambda value: not value,
+    "guided_json": lambda value: False,
+    "guided_regex": lambda value: False,
+    "guided_choice": lambda value: False,
+    "guided_grammar": lambda value: False,
+    "use_beam_search": lambda value: value is False,
+    "best_of": lambda value: value == 1,
+    "min_tokens": lambda value: value == 0,
+    "allowed_token_ids": lambda value: not value,
+    "bad_words": lambda value: not value,
+    "logits_processors": lambda value: not value,
+    "suffix": lambda value: not value,
+    "prompt_embeds": lambda value: False,
+}
 
 
-class CompletionRequest(StrictModel):
+class StreamOptions(StrictModel):
+    include_usage: bool = Field(False, description="A last chunk carries the usage.")
+    continuous_usage_stats: bool = Field(False, description="Every chunk carries the usage so far.")
+
+
+class OpenAIRequest(SamplingSettings):
+    """What OpenAI clients and vLLM's server accept, under vLLM's rules: `null` stands for a field's
+    default (in requests built by hand as by SDKs), and an unknown field is ignored (vLLM logs it; here the answer also names it in the
+    `X-Potstill-Ignored-Fields` header). A field vLLM serves and this teacher does not
+    (`UNSERVED_OPENAI_FIELDS`) is refused by name, unless its value asks for nothing."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
     model: str | None = None
-    prompt: _one_of(("text", NonEmptyText), ("token_ids", TokenIdList))
-    max_tokens: int = Field(16, ge=0)
-    temperature: SamplingTemperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    logprobs: int | None = Field(None, ge=0, description="Top-k log-probs per token (OpenAI: at most 5; here up to max_top_logprobs).")
-    echo: bool = False
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: NoStream = False
+    stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     prompt_logprobs: int | None = Field(None, ge=0, description="vLLM extension: top-k log-probs at each prompt position.")
-    return_token_ids: bool = Field(False, description="vLLM extension: choices[].token_ids and prompt_token_ids in the answer.")
-    return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: logprobs tokens written 'token_id:N'.")
     user: str | None = None
 
     _n_limit = field_validator("n")(_at_most("max_samples"))
+    _prompt_k_limit = field_validator("prompt_logprobs")(_at_most("max_top_logprobs"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default_and_unserved_refused(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, asks_nothing in UNSERVED_OPENAI_FIELDS.items():
+            if data.get(name) is not None and not asks_nothing(data[name]):
+                raise InvalidRequest("not served by this teacher", field=name)
+        return {name: value for name, value in data.items() if value is not None}
+
+    @model_validator(mode="after")
+    def _streaming_consistent(self) -> OpenAIRequest:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("only with stream: true", field="stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            raise InvalidRequest("not available when streaming", field="prompt_logprobs")
+        return self
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+def _batch_of_prompts(prompt: Any, info: ValidationInfo) -> Any:
+    if _completion_prompt_kind(prompt) in ("texts", "token_id_lists"):
+        _check_batch(prompt, info)
+    return prompt
+
+
+CompletionPrompt = Annotated[
+    _one_of(
+        ("text", NonEmptyText),
+        ("token_ids", TokenIdList),
+        ("texts", Annotated[list[NonEmptyText], Field(min_length=1)]),
+        ("token_id_lists", Annotated[list[TokenIdList], Field(min_length=1)]),
+        kind=_completion_prompt_kind,
+    ),
+    AfterValidator(_batch_of_prompts),
+]
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: CompletionPrompt = Field(description="A text or token ids, or a list of either (a batch: n choices each).")
+    max_tokens: int = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, description="Top-k log-probs per token (OpenAI: at most 5; here up to max_top_logprobs).")
+    echo: bool = False
+    add_special_tokens: bool = Field(True, description="vLLM extension: the tokenizer's special tokens (BOS) before a text prompt.")
+    return_token_ids: bool = Field(False, description="vLLM extension: choices[].token_ids and prompt_token_ids in the answer.")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: logprobs tokens written 'token_id:N'.")
+
     _tokens_limit = field_validator("max_tokens")(_at_most("max_new_tokens"))
-    _k_limit = field_validator("logprobs", "prompt_logprobs")(_at_most("max_top_logprobs"))
+    _k_limit = field_validator("logprobs")(_at_most("max_top_logprobs"))
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or each of a batch."""
+        return self.prompt if _completion_prompt_kind(self.prompt) in ("texts", "token_id_lists") else [self.prompt]
 
 
-class ChatCompletionRequest(StrictModel):
-    model: str | None = None
+class ChatCompletionRequest(OpenAIRequest):
     messages: ChatPrompt
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: SamplingTemperature = 1.0
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: NoStream = False
-    user: str | None = None
+    echo: bool = Field(False, description="vLLM extension: the reply starts with the last message's content when it has the assistant's role.")
+    add_generation_prompt: bool = Field(True, description="vLLM extension: the template's cue for the assistant's turn.")
+    continue_final_message: bool = Field(False, description="vLLM extension: the last message is left open and continued.")
+    add_special_tokens: bool = Field(False, description="vLLM extension: the tokenizer's special tokens on top of the template's.")
 
-    _n_limit = field_validator("n")(_at_most("max_samples"))
     _tokens_limit = field_validator("max_tokens", "max_completion_tokens")(_at_most("max_new_tokens"))
     _k_limit = field_validator("top_logprobs")(_at_most("max_top_logprobs"))
+
+    @model_validator(mode="after")
+    def _one_turn_cue(self) -> ChatCompletionRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequest("cannot be combined with add_generation_prompt (set that false)", field="continue_final_message")
+        return self
 
 
 # --- administration ---
@@ -331,18 +483,21 @@ class TokenDistributions:
 class ScoredSequence(TokenDistributions):
     prompt_tokens: int = 0
     model_version: int = 0  # of the weights that computed it; 0 where the server does not say
+    token_ranks: np.ndarray | None = None  # int32 [L]: each token's rank in the vocabulary (1: most likely)
 
     def to_json(self) -> dict:
-        return {**super().to_json(), "prompt_tokens": self.prompt_tokens, "model_version": self.model_version}
+        ranks = {} if self.token_ranks is None else {"token_ranks": self.token_ranks.tolist()}
+        return {**super().to_json(), **ranks, "prompt_tokens": self.prompt_tokens, "model_version": self.model_version}
 
 
 @dataclass(frozen=True)
 class Sample(TokenDistributions):
     text: str = ""
     finish_reason: Literal["stop", "length"] = "length"
+    stop_reason: int | str | None = None  # the stop_token_ids entry or the stop string that ended it; None for EOS
 
     def to_json(self) -> dict:
-        return {"text": self.text, **super().to_json(), "finish_reason": self.finish_reason}
+        return {"text": self.text, **super().to_json(), "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from teacher_service.backends.base import Backend, GenerateItem, PromptInput, SamplingParams, ScoreItem
+from teacher_service.backends.base import Backend, ChatTemplateOptions, GenerateItem, PromptInput, SamplingParams, ScoreItem
 from teacher_service.errors import BackendUnavailable, InvalidRequest, Overloaded, TeacherError
 from teacher_service.media import MediaLimits, RequestMedia, has_media, resolve_chat
 from teacher_service.metrics import ServiceMetrics
@@ -32,6 +32,7 @@ from teacher_service.protocol import (
     Limits,
     ModelInfo,
     ScoreRequest,
+    SamplingSettings,
     ScoreResponse,
     StrictModel,
     WeightsLoaded,
@@ -40,6 +41,15 @@ from teacher_service.protocol import (
 from teacher_service.weights import read_weights
 
 T = TypeVar("T")
+
+
+def sampling_params(settings: SamplingSettings, n: int, max_tokens: int, top_logprobs: int) -> SamplingParams:
+    """A backend's `SamplingParams` from a request's sampling settings (native or OpenAI)."""
+    fields = settings.sampling_fields()
+    return SamplingParams(
+        n=n, max_tokens=max_tokens, top_logprobs=top_logprobs,
+        **{**fields, "stop": tuple(fields["stop"]), "stop_token_ids": tuple(fields["stop_token_ids"])},
+    )
 
 
 class SwapGate:
@@ -101,6 +111,7 @@ class TeacherService:
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None):
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
+        self.created = int(time.time())  # the Unix time OpenAI's model list reports
         self._backend: Backend | None = None
         self._limits: Limits | None = None
         self._admitted = 0
@@ -206,14 +217,7 @@ class TeacherService:
             prompts = [await self.prompt_input(prompt, f"prompts.{index}", media) for index, prompt in enumerate(request.prompts)]
         for index, prompt in enumerate(prompts):
             self._check_length(len(prompt.ids) + request.max_tokens, f"prompts.{index}")
-        params = SamplingParams(
-            n=request.n,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            top_logprobs=request.top_logprobs,
-        )
+        params = sampling_params(request, request.n, request.max_tokens, request.top_logprobs)
         results = await self._run("generate", lambda: backend.generate([GenerateItem(p.ids, params, p.media) for p in prompts]))
         self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in results for s in r.samples))
         return GenerateResponse(results=[
@@ -245,22 +249,26 @@ class TeacherService:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._require_backend().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    async def prompt_ids(self, prompt: str | list) -> list[int]:
-        """Token ids of a prompt. Tokenising runs on a thread: a long text must not hold the event
-        loop (health checks and every other request wait on it)."""
+    async def prompt_ids(self, prompt: str | list, template: ChatTemplateOptions = ChatTemplateOptions()) -> list[int]:
+        """Token ids of a prompt; a text gets the tokenizer's special tokens unless `template` says
+        otherwise, chat turns are rendered as it says. Tokenising runs on a thread: a long text
+        must not hold the event loop (health checks and every other request wait on it)."""
         backend = self._require_backend()
         if isinstance(prompt, str):
-            return await asyncio.to_thread(backend.encode, prompt)
+            return await asyncio.to_thread(backend.encode, prompt, template.add_special_tokens)
         if isinstance(prompt[0], ChatMessage):
-            return (await self.prompt_input(prompt, "prompt")).ids
+            return (await self.prompt_input(prompt, "prompt", template=template)).ids
         return prompt
 
-    async def prompt_input(self, prompt: str | list, field: str, media: RequestMedia | None = None) -> PromptInput:
+    async def prompt_input(
+        self, prompt: str | list, field: str, media: RequestMedia | None = None, template: ChatTemplateOptions = ChatTemplateOptions(),
+    ) -> PromptInput:
         """A prompt's token ids and, for chat turns holding pictures, its decoded media (refused at
-        `field` by a model that takes none); `media`: the request's, shared by its prompts and counted against the limits."""
+        `field` by a model that takes none); `media`: the request's, shared by its prompts and
+        counted against the limits; `template`: how text and chat turns are tokenised."""
         backend = self._require_backend()
         if not (isinstance(prompt, list) and isinstance(prompt[0], ChatMessage)):
-            return PromptInput(await self.prompt_ids(prompt))
+            return PromptInput(await self.prompt_ids(prompt, template))
         if has_media(prompt) and not backend.description.accepts_media:
             raise InvalidRequest("this teacher's model takes no images or videos", field=field)
         if has_media(prompt, ("video_url",)) and not backend.description.accepts_video:
@@ -268,8 +276,8 @@ class TeacherService:
         chat = await asyncio.to_thread(resolve_chat, prompt, field, media or RequestMedia(self.settings.media_limits))
         pictures = chat.media()
         if pictures is None:
-            return PromptInput(await asyncio.to_thread(backend.encode_chat, chat.messages))
-        return PromptInput(*await asyncio.to_thread(backend.encode_chat_media, chat.messages, pictures))
+            return PromptInput(await asyncio.to_thread(backend.encode_chat, chat.messages, template))
+        return PromptInput(*await asyncio.to_thread(backend.encode_chat_media, chat.messages, pictures, template))
 
     async def _completion_ids(self, completion: str | list[int]) -> list[int]:
         if isinstance(completion, str):

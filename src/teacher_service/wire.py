@@ -108,6 +108,8 @@ def _optional_fields(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
 def _options_pb(data: dict[str, Any], skip: str) -> dict[str, Any]:
     """A request's settings as protobuf fields (unset ones left out, dtypes as enum codes)."""
     options = {key: value for key, value in data.items() if key != skip and value is not None}
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
     if "logprobs_dtype" in options:
         options["logprobs_dtype"] = _LOGPROBS_DTYPES[options["logprobs_dtype"]]
     if "media" in options:
@@ -127,12 +129,20 @@ def score_request_data(request: pb.ScoreRequest) -> dict[str, Any]:
     }
 
 
+_GENERATE_OPTIONS = (
+    "n", "max_tokens", "temperature", "top_p", "seed", "logprobs_dtype", "top_k", "min_p", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens",
+)
+
+
 def generate_request_data(request: pb.GenerateRequest) -> dict[str, Any]:
+    lists = {name: list(getattr(request, name)) for name in ("stop", "stop_token_ids") if getattr(request, name)}
     return {
         "prompts": [_prompt_data(p) for p in request.prompts],
         "top_logprobs": request.top_logprobs,
-        **_optional_fields(request, ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs_dtype")),
+        **_optional_fields(request, _GENERATE_OPTIONS),
         **_shared_media(request),
+        **lists,
     }
 
 
@@ -212,13 +222,23 @@ def _distributions_pb(result: Any) -> dict[str, pb.Tensor]:
     }
 
 
+def _ranks_pb(result: ScoredSequence) -> dict[str, pb.Tensor]:
+    return {} if result.token_ranks is None else {"token_ranks": tensor_to_pb(result.token_ranks)}
+
+
 def score_response_pb(response: ScoreResponse) -> pb.ScoreResponse:
     return pb.ScoreResponse(
         results=[
-            pb.ScoredSequence(prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_distributions_pb(r))
+            pb.ScoredSequence(prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_ranks_pb(r), **_distributions_pb(r))
             for r in response.results
         ]
     )
+
+
+def _stop_reason_pb(sample: Sample) -> dict[str, Any]:
+    if sample.stop_reason is None:
+        return {}
+    return {"stop_string": sample.stop_reason} if isinstance(sample.stop_reason, str) else {"stop_token_id": sample.stop_reason}
 
 
 def generate_response_pb(response: GenerateResponse) -> pb.GenerateResponse:
@@ -227,7 +247,10 @@ def generate_response_pb(response: GenerateResponse) -> pb.GenerateResponse:
             pb.GenerateResult(
                 prompt_tokens=r.prompt_tokens,
                 model_version=r.model_version,
-                samples=[pb.Sample(text=s.text, finish_reason=s.finish_reason, **_distributions_pb(s)) for s in r.samples],
+                samples=[
+                    pb.Sample(text=s.text, finish_reason=s.finish_reason, **_stop_reason_pb(s), **_distributions_pb(s))
+                    for s in r.samples
+                ],
             )
             for r in response.results
         ]
@@ -253,10 +276,19 @@ def _distributions(message: Any) -> dict[str, np.ndarray]:
 def score_response(message: pb.ScoreResponse) -> ScoreResponse:
     return ScoreResponse(
         results=[
-            ScoredSequence(prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_distributions(r))
+            ScoredSequence(
+                prompt_tokens=r.prompt_tokens, model_version=r.model_version, **_distributions(r),
+                token_ranks=tensor_from_pb(r.token_ranks) if r.HasField("token_ranks") else None,
+            )
             for r in message.results
         ]
     )
+
+
+def _stop_reason(sample: pb.Sample) -> int | str | None:
+    if sample.HasField("stop_string"):
+        return sample.stop_string
+    return sample.stop_token_id if sample.HasField("stop_token_id") else None
 
 
 def generate_response(message: pb.GenerateResponse) -> GenerateResponse:
@@ -265,7 +297,10 @@ def generate_response(message: pb.GenerateResponse) -> GenerateResponse:
             GenerateResult(
                 prompt_tokens=r.prompt_tokens,
                 model_version=r.model_version,
-                samples=[Sample(text=s.text, finish_reason=s.finish_reason, **_distributions(s)) for s in r.samples],
+                samples=[
+                    Sample(text=s.text, finish_reason=s.finish_reason, stop_reason=_stop_reason(s), **_distributions(s))
+                    for s in r.samples
+                ],
             )
             for r in message.results
         ]

@@ -104,7 +104,7 @@ S, G, C, CHAT = "/v1/score", "/v1/generate", "/v1/completions", "/v1/chat/comple
 LONG = list(range(5, 205))  # 200 token ids
 OVER = CONTEXT + 1 - len(LONG)  # completion tokens or max_tokens that make LONG one token too long
 MANY = [7] * 5000  # more than SMALL_BODY bytes in JSON and in protobuf
-TOOL = {"role": "tool", "content": "x"}
+ROBOT = {"role": "robot", "content": "x"}
 TOO_BIG = {"status": 413, "server": "small"}
 
 CASES = {
@@ -141,6 +141,13 @@ CASES = {
     "generate-top-p-zero": Case(G, "top_p", gen(top_p=0), as_pb=generate_pb(top_p=0.0)),
     "generate-top-p-above-one": Case(G, "top_p", gen(top_p=1.5), as_pb=generate_pb(top_p=1.5)),
     "generate-seed-negative": Case(G, "seed", gen(seed=-1), as_pb=generate_pb(seed=-1)),
+    "generate-top-k-below-minus-one": Case(G, "top_k", gen(top_k=-2), as_pb=generate_pb(top_k=-2)),
+    "generate-min-p-above-one": Case(G, "min_p", gen(min_p=1.5), as_pb=generate_pb(min_p=1.5)),
+    "generate-presence-penalty-above-two": Case(G, "presence_penalty", gen(presence_penalty=3.0), as_pb=generate_pb(presence_penalty=3.0)),
+    "generate-repetition-penalty-zero": Case(G, "repetition_penalty", gen(repetition_penalty=0.0), as_pb=generate_pb(repetition_penalty=0.0)),
+    "generate-stop-empty": Case(G, "stop.0", gen(stop=""), as_pb=generate_pb(stop=[""])),
+    "generate-too-many-stops": Case(G, "stop", gen(stop=["x"] * 17), as_pb=generate_pb(stop=["x"] * 17)),
+    "generate-stop-token-id-above-vocab": Case(G, "stop_token_ids", gen(stop_token_ids=[VOCAB]), as_pb=generate_pb(stop_token_ids=[VOCAB])),
     # --- longer than the model's context (256) ---
     "score-longer-than-context": Case(S, "sequences.0", pair(LONG, LONG[:OVER]), as_pb=score_pb(prompt_ids(*LONG), completion_ids(*LONG[:OVER]))),
     "generate-longer-than-context": Case(G, "prompts.0", {"prompts": [LONG], "max_tokens": OVER}, as_pb=generate_pb(prompt_ids(*LONG), max_tokens=OVER)),
@@ -161,10 +168,10 @@ CASES = {
     "generate-n-string": Case(G, "n", gen(n="2")),
     "generate-seed-float": Case(G, "seed", gen(seed=1.5)),
     # --- chat messages ---
-    "score-chat-bad-role": Case(S, "sequences.0.prompt.0.role", pair(prompt=[TOOL]), as_pb=score_pb(chat(TOOL))),
+    "score-chat-bad-role": Case(S, "sequences.0.prompt.0.role", pair(prompt=[ROBOT]), as_pb=score_pb(chat(ROBOT))),
     "score-chat-missing-content": Case(S, "sequences.0.prompt.0.content", pair(prompt=[{"role": "user"}])),
-    "score-chat-unknown-field": Case(S, "sequences.0.prompt.0.name", pair(prompt=[{**OK_MESSAGES[0], "name": "x"}])),
-    "generate-chat-bad-role": Case(G, "prompts.0.1.role", {"prompts": [[*OK_MESSAGES, TOOL]]}, as_pb=generate_pb(chat(*OK_MESSAGES, TOOL))),
+    "score-chat-unknown-field": Case(S, "sequences.0.prompt.0.weight", pair(prompt=[{**OK_MESSAGES[0], "weight": "x"}])),
+    "generate-chat-bad-role": Case(G, "prompts.0.1.role", {"prompts": [[*OK_MESSAGES, ROBOT]]}, as_pb=generate_pb(chat(*OK_MESSAGES, ROBOT))),
     # --- bodies that are not a request ---
     "malformed-json": Case(S, "body", raw=b'{"sequences": ['),
     "empty-body": Case(S, "body", raw=b""),
@@ -183,10 +190,13 @@ CASES = {
     "oversized-protobuf-body": Case(S, "body", raw=score_pb(completion=completion_ids(*MANY))().SerializeToString(),
                                     content_type=PROTOBUF, **TOO_BIG),
     # --- the OpenAI-compatible routes ---
-    "completions-stream": Case(C, "stream", {"prompt": "hi", "stream": True}),
+    "completions-stream-options-without-stream": Case(C, "stream_options", {"prompt": "hi", "stream_options": {"include_usage": True}}),
+    "completions-stream-not-bool": Case(C, "stream", {"prompt": "hi", "stream": "yes"}),
     "completions-prompt-missing": Case(C, "prompt", {"max_tokens": 2}),
     "completions-prompt-empty": Case(C, "prompt", {"prompt": ""}),
-    "completions-prompt-list-of-texts": Case(C, "prompt.0", {"prompt": ["a", "b"]}),
+    "completions-prompt-list-with-empty-text": Case(C, "prompt.1", {"prompt": ["a", ""]}),
+    "completions-too-many-prompts": Case(C, "prompt", {"prompt": ["a"] * (MAX_BATCH + 1)}),
+    "completions-logit-bias": Case(C, "logit_bias", {"prompt": "hi", "logit_bias": {"5": 100}}),
     "completions-n-above-max": Case(C, "n", {"prompt": "hi", "n": MAX_N + 1}),
     "completions-logprobs-above-max": Case(C, "logprobs", {"prompt": "hi", "logprobs": MAX_K + 1}),
     "completions-prompt-logprobs-negative": Case(C, "prompt_logprobs", {"prompt": "hi", "prompt_logprobs": -1}),
@@ -196,10 +206,13 @@ CASES = {
     "completions-return-token-ids-not-bool": Case(C, "return_token_ids", {"prompt": "hi", "return_token_ids": 1}),
     "completions-longer-than-context": Case(C, "prompt", {"prompt": LONG, "max_tokens": 60}),
     "completions-echo-longer-than-context": Case(C, "prompt", {"prompt": LONG * 2, "max_tokens": 0, "echo": True, "logprobs": 1}),
-    "chat-stream": Case(CHAT, "stream", {"messages": OK_MESSAGES, "stream": True}),
     "chat-messages-missing": Case(CHAT, "messages", {}),
     "chat-messages-empty": Case(CHAT, "messages", {"messages": []}),
-    "chat-bad-role": Case(CHAT, "messages.0.role", {"messages": [TOOL]}),
+    "chat-bad-role": Case(CHAT, "messages.0.role", {"messages": [ROBOT]}),
+    "chat-content-part-without-text": Case(CHAT, "messages.0.content.0.text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+    "chat-tools": Case(CHAT, "tools", {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    "chat-continue-with-generation-prompt": Case(CHAT, "continue_final_message", {"messages": OK_MESSAGES, "continue_final_message": True}),
+    "chat-prompt-logprobs-streamed": Case(CHAT, "prompt_logprobs", {"messages": OK_MESSAGES, "stream": True, "prompt_logprobs": 1}),
     "chat-n-above-max": Case(CHAT, "n", {"messages": OK_MESSAGES, "n": MAX_N + 1}),
     "chat-top-logprobs-above-max": Case(CHAT, "top_logprobs", {"messages": OK_MESSAGES, "top_logprobs": MAX_K + 1}),
     "chat-logprobs-not-bool": Case(CHAT, "logprobs", {"messages": OK_MESSAGES, "logprobs": "yes"}),

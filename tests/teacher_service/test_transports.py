@@ -231,16 +231,19 @@ def texts(tokenizer):
     return lambda token_id: {tokenizer.decode([int(token_id)])}
 
 
-def assert_text_keyed(offered: dict[str, float], top_ids, top_logprobs, texts) -> None:
-    """OpenAI's legacy top_logprobs: {token text: log-prob}; ids that decode alike share one key."""
-    by_text: dict[str, list[float]] = {}
-    for token_id, logprob in zip(top_ids, top_logprobs):
-        for text in texts(token_id):
-            by_text.setdefault(text, []).append(logprob)
-    assert offered.keys() <= by_text.keys()
-    assert len(offered) == len({frozenset(texts(i)) for i in top_ids})
-    for text, logprob in offered.items():
-        assert any(abs(logprob - candidate) < 1e-6 for candidate in by_text[text])
+def chosen_first(token: int, token_logprob: float, top_ids: list[int], top_logprobs: list[float]) -> list[tuple[int, float]]:
+    """vLLM's listing of a position: the chosen (or prompt) token, then the top k without it."""
+    return [(token, token_logprob)] + [(i, lp) for i, lp in zip(top_ids, top_logprobs) if i != token]
+
+
+def assert_keyed(offered: dict[str, float], entries: list[tuple[int, float]], name) -> None:
+    """A legacy top_logprobs entry: {name: log-prob} in the listing's order; ids that decode alike
+    share one key, which the first listed of them keeps."""
+    expected: dict[str, float] = {}
+    for token_id, logprob in entries:
+        expected.setdefault(name(token_id), logprob)
+    assert list(offered) == list(expected)
+    np.testing.assert_allclose(list(offered.values()), list(expected.values()), rtol=0, atol=1e-6)
 
 
 def score_prompt(http, ids: list[int], k: int) -> dict:
@@ -261,8 +264,9 @@ def test_openai_echo_scores_the_prompt_like_score(client, http, tokenizer, texts
     assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     np.testing.assert_allclose(logprobs.token_logprobs[1:], scored["token_logprobs"], rtol=0, atol=1e-6)
-    for offered, top_ids, top_logprobs in zip(logprobs.top_logprobs[1:], scored["top_ids"], scored["top_logprobs"], strict=True):
-        assert_text_keyed(offered, top_ids, top_logprobs, texts)
+    rows = zip(ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"], strict=True)
+    for offered, row in zip(logprobs.top_logprobs[1:], rows, strict=True):
+        assert_keyed(offered, chosen_first(*row), tokenizer.decode)
     assert logprobs.text_offset == np.cumsum([0] + [len(t) for t in logprobs.tokens[:-1]]).tolist()
 
 
@@ -278,8 +282,9 @@ def test_openai_completions_equal_generate(client, http, tokenizer, texts):
         assert (choice.text, choice.finish_reason) == (sample["text"], sample["finish_reason"])
         assert all(token in texts(i) for token, i in zip(choice.logprobs.tokens, sample["token_ids"], strict=True))
         np.testing.assert_allclose(choice.logprobs.token_logprobs, sample["token_logprobs"], rtol=0, atol=1e-6)
-        for offered, top_ids, top_logprobs in zip(choice.logprobs.top_logprobs, sample["top_ids"], sample["top_logprobs"]):
-            assert_text_keyed(offered, top_ids, top_logprobs, texts)
+        rows = zip(sample["token_ids"], sample["token_logprobs"], sample["top_ids"], sample["top_logprobs"], strict=True)
+        for offered, row in zip(choice.logprobs.top_logprobs, rows, strict=True):
+            assert_keyed(offered, chosen_first(*row), tokenizer.decode)
     again = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=6, logprobs=2, seed=11)
     assert [c.text for c in again.choices] == [c.text for c in completion.choices]
 
@@ -301,9 +306,11 @@ def test_openai_chat_completions_equal_generate(client, http, texts):
         assert all(entry.token in texts(i) for entry, i in zip(content, sample["token_ids"], strict=True))
         assert all(bytes(entry.bytes) == entry.token.encode() for entry in content)
         np.testing.assert_allclose([e.logprob for e in content], sample["token_logprobs"], rtol=0, atol=1e-6)
-        for entry, top_ids, top_logprobs in zip(content, sample["top_ids"], sample["top_logprobs"]):
-            assert all(t.token in texts(i) for t, i in zip(entry.top_logprobs, top_ids, strict=True))
-            np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], top_logprobs, rtol=0, atol=1e-6)
+        rows = zip(sample["token_ids"], sample["token_logprobs"], sample["top_ids"], sample["top_logprobs"], strict=True)
+        for entry, row in zip(content, rows, strict=True):
+            listed = chosen_first(*row)[:3]  # vLLM's chat listing: the chosen token first, k entries in all
+            assert all(t.token in texts(i) for t, (i, _) in zip(entry.top_logprobs, listed, strict=True))
+            np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], [lp for _, lp in listed], rtol=0, atol=1e-6)
 
 
 def test_vllm_prompt_logprobs(client, http, tokenizer):
@@ -315,15 +322,16 @@ def test_vllm_prompt_logprobs(client, http, tokenizer):
     entries = completion.choices[0].model_extra["prompt_logprobs"]
     scored = score_prompt(http, ids, 2)
     assert len(entries) == len(ids) and entries[0] is None
-    for entry, token, token_logprob, top_ids, top_logprobs in zip(
-        entries[1:], ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"], strict=True
-    ):
-        ranked = {int(i): e for i, e in entry.items() if e["rank"] is not None}
-        assert list(ranked) == top_ids and [e["rank"] for e in ranked.values()] == [1, 2]
-        np.testing.assert_allclose([e["logprob"] for e in ranked.values()], top_logprobs, rtol=0, atol=1e-6)
-        # The prompt's own token is always there, ranked or not.
-        assert entry[str(token)]["logprob"] == pytest.approx(token_logprob, abs=1e-6)
-        assert entry[str(token)]["decoded_token"] == tokenizer.decode([token])
+    rows = zip(ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"], strict=True)
+    for entry, rank, row in zip(entries[1:], scored["token_ranks"], rows, strict=True):
+        listed = chosen_first(*row)
+        assert list(entry) == [str(i) for i, _ in listed]
+        np.testing.assert_allclose([e["logprob"] for e in entry.values()], [lp for _, lp in listed], rtol=0, atol=1e-6)
+        # The prompt's token first, with its true rank in the vocabulary; then ranks 1..k.
+        token = row[0]
+        assert entry[str(token)]["rank"] == rank and entry[str(token)]["decoded_token"] == tokenizer.decode([token])
+        assert [e["rank"] for i, e in entry.items() if i != str(token)] == [r for r, i in enumerate(row[2], 1) if i != token]
+    assert any(rank > 2 for rank in scored["token_ranks"])  # a token outside the top k keeps its rank
 
 
 def test_vllm_token_id_options(client, http, tokenizer):
@@ -342,11 +350,11 @@ def test_vllm_token_id_options(client, http, tokenizer):
         assert choice.model_extra["token_ids"] == sample["token_ids"]
         logprobs = choice.logprobs
         assert logprobs.tokens == [f"token_id:{i}" for i in ids + sample["token_ids"]]
-        # Keyed by id, the top-k keeps every entry: nothing collapses.
-        rows = list(zip(scored["top_ids"], scored["top_logprobs"])) + list(zip(sample["top_ids"], sample["top_logprobs"]))
-        for offered, (top_ids, top_logprobs) in zip(logprobs.top_logprobs[1:], rows, strict=True):
-            assert list(offered) == [f"token_id:{i}" for i in top_ids]
-            np.testing.assert_allclose(list(offered.values()), top_logprobs, rtol=0, atol=1e-6)
+        # Keyed by id, the listing keeps every entry: nothing collapses.
+        prompt_rows = zip(ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"])
+        sample_rows = zip(sample["token_ids"], sample["token_logprobs"], sample["top_ids"], sample["top_logprobs"])
+        for offered, row in zip(logprobs.top_logprobs[1:], [*prompt_rows, *sample_rows], strict=True):
+            assert_keyed(offered, chosen_first(*row), lambda i: f"token_id:{i}")
 
 
 # --- known defects of the OpenAI layer (src/teacher_service/openai_compat.py); strict: fixing one fails its test ---
@@ -357,9 +365,10 @@ def test_prompt_logprobs_and_logprobs_keep_their_own_k(client):
         model="tiny", prompt="what is the sum", max_tokens=0, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}
     )
     choice = completion.choices[0]
-    ranked = [[e for e in entry.values() if e["rank"] is not None] for entry in choice.model_extra["prompt_logprobs"][1:]]
-    assert all(len(entries) == 3 for entries in ranked)
-    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+    # prompt_logprobs: the prompt token and the top 3; logprobs: the first 2 of that listing (k + 1), as vLLM cuts it.
+    prompt_entries = choice.model_extra["prompt_logprobs"][1:]
+    assert all(len(entry) in (3, 4) for entry in prompt_entries) and any(len(entry) == 4 for entry in prompt_entries)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
 
 
 def test_openai_special_tokens_keep_their_text(client, tokenizer):
@@ -377,11 +386,13 @@ def test_openai_top_logprobs_keep_the_most_likely_of_alike_tokens(client, http, 
     completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=20)
     scored = score_prompt(http, ids, 20)
     collisions = 0
-    for offered, top_ids, top_logprobs in zip(completion.choices[0].logprobs.top_logprobs[1:], scored["top_ids"], scored["top_logprobs"]):
+    rows = zip(ids[1:], scored["token_logprobs"], scored["top_ids"], scored["top_logprobs"])
+    for offered, row in zip(completion.choices[0].logprobs.top_logprobs[1:], rows):
+        listed = chosen_first(*row)
         for text, logprob in offered.items():
-            alike = [lp for token_id, lp in zip(top_ids, top_logprobs) if text in texts(token_id)]
+            alike = [lp for token_id, lp in listed if text in texts(token_id)]
             collisions += len(alike) > 1
-            assert logprob == pytest.approx(max(alike), abs=1e-6), text
+            assert logprob == pytest.approx(alike[0], abs=1e-6), text  # the first listed of them
     assert collisions > 0  # a third of this byte-level vocabulary decodes alone to U+FFFD
 
 

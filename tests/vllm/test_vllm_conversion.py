@@ -66,6 +66,7 @@ def test_prompt_logprobs_become_the_completion_scores_in_rank_order(layout):
     np.testing.assert_allclose(result.token_logprobs, [-1.5, -7.25])
     np.testing.assert_array_equal(result.top_ids, [[4, 7, 9], [8, 1, 0]])
     np.testing.assert_allclose(result.top_logprobs, [[-0.3, -1.5, -2.0], [-0.2, -1.9, -2.2]])
+    np.testing.assert_array_equal(result.token_ranks, [2, 41])  # the true ranks, also outside the top k
     assert result.prompt_tokens == 2 and result.model_version == 3
 
 
@@ -113,6 +114,22 @@ def test_greedy_asks_for_one_sample_and_repeats_it():
                            outputs=[_completion(0, [10, 11])], finished=True)
     samples = generate_result(output, GenerateItem([1], params), model_version=1).samples
     assert len(samples) == 4 and all(s.token_ids.tolist() == [10, 11] for s in samples)
+
+
+def test_sampling_settings_reach_vllm_and_stop_reasons_come_back():
+    params = OurSamplingParams(
+        n=2, max_tokens=4, temperature=0.7, top_p=0.9, seed=3, top_logprobs=1, top_k=-1, min_p=0.05,
+        presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.2, stop=("###", "\n\n"),
+        stop_token_ids=(13,), ignore_eos=True, skip_special_tokens=False,
+    )
+    sampling = SamplingParams(**generate_sampling_kwargs(params))
+    assert (sampling.top_k, sampling.min_p, sampling.presence_penalty, sampling.frequency_penalty) == (0, 0.05, 0.5, -0.25)
+    assert (sampling.repetition_penalty, sampling.stop, sampling.ignore_eos, sampling.skip_special_tokens) == (1.2, ["###", "\n\n"], True, False)
+    assert 13 in sampling.stop_token_ids and sampling.top_p == 0.9
+    output = RequestOutput(request_id="g", prompt=None, prompt_token_ids=[1], prompt_logprobs=None, finished=True,
+                           outputs=[_completion(0, [10, 13], "stop", stop_reason=13), _completion(1, [10], "stop", stop_reason="###")])
+    samples = generate_result(output, GenerateItem([1], params), model_version=1).samples
+    assert [s.stop_reason for s in samples] == [13, "###"]
 
 
 @pytest.mark.parametrize("reason", ["abort", "error"])

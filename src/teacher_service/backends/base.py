@@ -70,12 +70,34 @@ class ScoreItem:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One prompt's sampling, with vLLM's meanings (see `protocol.SamplingSettings`)."""
+
     n: int
     max_tokens: int
     temperature: float  # 0 = greedy
     top_p: float
     seed: int | None  # sample j of a prompt draws from a generator seeded with (seed, j)
     top_logprobs: int
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    add_generation_prompt: bool = True  # the template's cue for the assistant's turn
+    continue_final_message: bool = False  # the last turn left open, to be continued
+    add_special_tokens: bool = False  # the tokenizer's own special tokens on top of the template's
 
 
 @dataclass(frozen=True)
@@ -96,8 +118,8 @@ class Backend(Protocol):
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of a text appended to a prompt: no special tokens added."""
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of chat turns rendered with the chat template and a generation prompt."""
+    def encode_chat(self, messages: list[dict[str, Any]], template: ChatTemplateOptions = ChatTemplateOptions()) -> list[int]:
+        """Token ids of chat turns rendered with the chat template as `template` says."""
 
     def encode_chat_media(self, messages: list[dict[str, Any]], media: PromptMedia) -> tuple[list[int], PromptMedia]:
         """Token ids of chat turns holding pictures (`{"type": "image"}` / `{"type": "video"}` parts,

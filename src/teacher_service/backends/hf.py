@@ -31,13 +31,15 @@ from potstill.fingerprint import tokenizer_fingerprint
 from potstill.vision import is_vision_model, load_processor
 from teacher_service.backends.base import (
     BackendConfig,
+    ChatTemplateOptions,
     GenerateItem,
     ModelDescription,
     PassObserver,
     SamplingParams,
     ScoreItem,
 )
-from teacher_service.backends.hf_sampling import RowLengths, RowSampler, sample_seed
+from teacher_service.backends.hf_sampling import Penalties, RowSampler, RowStops, cut_sample, sample_seed
+from teacher_service.backends.tokenizing import TokenizerHelpers
 from teacher_service.batching import Batcher, BatchingSettings
 from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, Sample, ScoredSequence
@@ -82,7 +84,7 @@ TOKEN_TYPES = "mm_token_type_ids"
 _TEXT_INPUTS = ("input_ids", "attention_mask", TOKEN_TYPES)
 
 
-class HFBackend:
+class HFBackend(TokenizerHelpers):
     name = "hf"
 
     def __init__(self, model, tokenizer, config: BackendConfig, processor=None):
@@ -123,32 +125,24 @@ class HFBackend:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=DTYPES[config.dtype])
         return cls(model.to(config.device).eval(), tokenizer, config)
 
-    # --- tokenizer helpers ---
+    # --- media prompts ---
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-    def encode_continuation(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-
-    def encode_chat_media(self, messages: list[dict], media: PromptMedia) -> tuple[list[int], PromptMedia]:
+    def encode_chat_media(
+        self, messages: list[dict], media: PromptMedia, template: ChatTemplateOptions = ChatTemplateOptions(),
+    ) -> tuple[list[int], PromptMedia]:
         """The processor's token ids (each placeholder repeated per visual token) and its tensors, kept with the media."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=template.add_generation_prompt,
+            continue_final_message=template.continue_final_message, tokenize=False,
+        )
         encoded = self.processor(
-            text=[text], images=list(media.images) or None, videos=[list(v) for v in media.videos] or None, return_tensors="pt"
+            text=[text], images=list(media.images) or None, videos=[list(v) for v in media.videos] or None,
+            add_special_tokens=template.add_special_tokens, return_tensors="pt",
         )
         inputs = {key: value for key, value in encoded.items() if key not in _TEXT_INPUTS}
         if TOKEN_TYPES in encoded:
             inputs[TOKEN_TYPES] = encoded[TOKEN_TYPES][0]
         return encoded["input_ids"][0].tolist(), replace(media, inputs=inputs)
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # --- scheduling ---
 
@@ -208,7 +202,7 @@ class HFBackend:
             [item.temperature for item in items for _ in item.completion_ids], device=self.device
         )
         k = max(item.top_logprobs for item in items)
-        token_logprobs, top_logprobs, top_ids = self._distributions(rows, targets, k, temperatures)
+        token_logprobs, token_ranks, top_logprobs, top_ids = self._distributions(rows, targets, k, temperatures)
         results, offset = [], 0
         for item, (_, length) in zip(items, spans):
             window, keep = slice(offset, offset + length), item.top_logprobs
@@ -217,6 +211,7 @@ class HFBackend:
                 ScoredSequence(
                     token_ids=np.asarray(item.completion_ids, dtype=np.int32),
                     token_logprobs=token_logprobs[window],
+                    token_ranks=token_ranks[window],
                     top_ids=top_ids[window, :keep],  # each row is sorted, so its first k are its top-k
                     top_logprobs=top_logprobs[window, :keep],
                     prompt_tokens=len(item.prompt_ids),
@@ -267,20 +262,23 @@ class HFBackend:
 
     def _distributions(
         self, hidden: torch.Tensor, targets: torch.Tensor, k: int, temperatures: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Log-prob of each target and the top-k under each position's temperature [N], chunked over
-        positions: ([N], [N, k], [N, k])."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Log-prob and rank (1: most likely) of each target, and the top-k, under each position's
+        temperature [N], chunked over positions: ([N], [N], [N, k], [N, k])."""
         chunk = max(1, self.config.max_logits_elements // self.description.vocab_size)
-        token_parts, value_parts, id_parts = [], [], []
+        token_parts, rank_parts, value_parts, id_parts = [], [], [], []
         for start in range(0, hidden.shape[0], chunk):
             window = slice(start, start + chunk)
             logprobs = torch.log_softmax(self._logits(hidden[window]) / temperatures[window, None], dim=-1)
-            token_parts.append(logprobs.gather(1, targets[window, None])[:, 0])
+            token_logprobs = logprobs.gather(1, targets[window, None])
+            token_parts.append(token_logprobs[:, 0])
+            rank_parts.append((logprobs > token_logprobs).sum(dim=-1) + 1)
             values, ids = logprobs.topk(k, dim=-1, sorted=True)
             value_parts.append(values)
             id_parts.append(ids)
         return (
             torch.cat(token_parts).cpu().numpy().astype(np.float32),
+            torch.cat(rank_parts).cpu().numpy().astype(np.int32),
             torch.cat(value_parts).cpu().numpy().astype(np.float32),
             torch.cat(id_parts).cpu().numpy().astype(np.int32),
         )
@@ -299,16 +297,17 @@ class HFBackend:
         input_ids, attention_mask = self._left_padded([items[index].prompt_ids for index, _ in rows])
         self._pass_observer("generate", len(rows), input_ids.numel())
         media = self._media_inputs([items[index].media for index, _ in rows], attention_mask, left_padded=True)
+        penalties = Penalties(params, input_ids, attention_mask, self.description.vocab_size) if any(p.penalised for p in params) else None
         sampler = RowSampler(
             params, [sample_seed(p.seed, j) for p, (_, j) in zip(params, rows)],
-            max(p.top_logprobs for p in params), self.config.logprobs_mode, self.device,
+            max(p.top_logprobs for p in params), self.config.logprobs_mode, penalties, self.device,
         )
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=self._generation_config(max(p.max_tokens for p in params)),
             logits_processor=LogitsProcessorList([sampler]),
-            stopping_criteria=StoppingCriteriaList([RowLengths(input_ids.shape[1], [p.max_tokens for p in params], self.device)]),
+            stopping_criteria=StoppingCriteriaList([RowStops(input_ids.shape[1], params, self.stop_ids, self.decode, self.device)]),
             **media,
         )
         new_tokens = output[:, input_ids.shape[1] :].cpu().numpy()  # [R, S]
@@ -326,13 +325,9 @@ class HFBackend:
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         # A fresh config, so defaults shipped with the model (top_k=50, penalties) do not bend the
-        # samples; the loop runs greedy over the one-token scores `RowSampler` leaves.
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.stop_ids or None,
-        )
+        # samples; the loop runs greedy over the one-token scores `RowSampler` leaves, and each
+        # row's end (its own end tokens and stop strings) is `RowStops`'s to decide.
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -347,18 +342,15 @@ class HFBackend:
         self, tokens: np.ndarray, token_logprobs: np.ndarray, top_logprobs: np.ndarray, top_ids: np.ndarray,
         params: SamplingParams,
     ) -> Sample:
-        """One row's tokens up to its first end token or its `max_tokens`, with their distributions."""
-        tokens = tokens[: params.max_tokens]
-        ends = np.flatnonzero(np.isin(tokens, self.stop_ids))
-        finished = len(ends) > 0
-        length = int(ends[0]) + 1 if finished else len(tokens)
-        ids = tokens[:length].tolist()
-        k = params.top_logprobs
+        """One row's sample, cut where it ended (`cut_sample`), with its distributions."""
+        cut = cut_sample(tokens.tolist(), params, self.stop_ids, self.decode)
+        k, length = params.top_logprobs, cut.length
         return Sample(
-            token_ids=np.asarray(ids, dtype=np.int32),
+            token_ids=tokens[:length].astype(np.int32),
             token_logprobs=token_logprobs[:length],
             top_ids=top_ids[:length, :k],
             top_logprobs=top_logprobs[:length, :k],
-            text=self.decode(ids),
-            finish_reason="stop" if finished else "length",
+            text=cut.text,
+            finish_reason=cut.finish_reason,
+            stop_reason=cut.stop_reason,
         )

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from potstill.fingerprint import tokenizer_fingerprint
 from potstill.vision import is_vision_model, load_processor
-from teacher_service.backends.base import BackendConfig, GenerateItem, ModelDescription, PassObserver, ScoreItem
+from teacher_service.backends.base import BackendConfig, ChatTemplateOptions, GenerateItem, ModelDescription, PassObserver, ScoreItem
 from teacher_service.backends.vllm_convert import (
     VLLM_LOGPROBS_MODES,
     generate_result,
@@ -33,12 +33,13 @@ from teacher_service.backends.vllm_convert import (
     scored_sequence,
     token_prompt,
 )
+from teacher_service.backends.tokenizing import TokenizerHelpers
 from teacher_service.errors import Forbidden
 from teacher_service.media import PromptMedia
 from teacher_service.protocol import GenerateResult, ScoredSequence
 
 
-class VLLMBackend:
+class VLLMBackend(TokenizerHelpers):
     name = "vllm"
 
     def __init__(self, engine: Any, tokenizer: Any, config: BackendConfig, processor: Any = None):
@@ -77,23 +78,11 @@ class VLLMBackend:
         processor = load_processor(config.model) if is_vision_model(config.model) else None
         return cls(AsyncLLM.from_engine_args(arguments), AutoTokenizer.from_pretrained(config.model), config, processor)
 
-    # --- tokenizer helpers (as the HF backend's) ---
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-    def encode_continuation(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-
-    def encode_chat_media(self, messages: list[dict[str, Any]], media: PromptMedia) -> tuple[list[int], PromptMedia]:
+    def encode_chat_media(
+        self, messages: list[dict[str, Any]], media: PromptMedia, template: ChatTemplateOptions = ChatTemplateOptions(),
+    ) -> tuple[list[int], PromptMedia]:
         """One placeholder per picture (the chat template's): vLLM expands them itself (`vllm_convert.token_prompt`)."""
-        return self.encode_chat(messages), media
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.encode_chat(messages, template), media
 
     # --- requests: one engine request per item, all in flight together ---
 

@@ -66,6 +66,15 @@ def generate_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "n": 1 if greedy else params.n,
         "temperature": params.temperature,
         "top_p": 1.0 if greedy else params.top_p,
+        "top_k": max(params.top_k, 0),  # 0 and -1 both mean all tokens; 0.32.0 spells it 0
+        "min_p": params.min_p,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "repetition_penalty": params.repetition_penalty,
+        "stop": list(params.stop),
+        "stop_token_ids": list(params.stop_token_ids),
+        "ignore_eos": params.ignore_eos,
+        "skip_special_tokens": params.skip_special_tokens,
         "seed": params.seed,  # vLLM seeds sample j of the request with seed + j
         "max_tokens": params.max_tokens,
         "logprobs": params.top_logprobs,
@@ -88,23 +97,24 @@ def token_prompt(ids: list[int], media: PromptMedia | None = None) -> dict[str, 
 
 def distributions(
     positions: Iterable[Mapping[int, Any] | None], tokens: list[int], k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(token log-probs [L], top ids [L, k], top log-probs [L, k]) of `tokens` from vLLM's per-position
-    mappings: each token's own entry, and the k entries of ranks 1..k in rank order."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(token log-probs [L], token ranks [L], top ids [L, k], top log-probs [L, k]) of `tokens` from
+    vLLM's per-position mappings: each token's own entry, and the k entries of ranks 1..k in rank order."""
     token_logprobs = np.empty(len(tokens), dtype=np.float32)
+    token_ranks = np.empty(len(tokens), dtype=np.int32)
     top_ids = np.empty((len(tokens), k), dtype=np.int32)
     top_logprobs = np.empty((len(tokens), k), dtype=np.float32)
     for row, (position, token) in enumerate(zip(positions, tokens, strict=True)):
         if position is None or token not in position:
             raise BackendUnavailable(f"vLLM returned no log-prob for token {token} at position {row}")
-        token_logprobs[row] = position[token].logprob
+        token_logprobs[row], token_ranks[row] = position[token].logprob, position[token].rank
         ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in position.items()
                         if entry.rank is not None and entry.rank <= k)
         if len(ranked) < k:
             raise BackendUnavailable(f"vLLM returned {len(ranked)} ranked log-probs at position {row}, not {k}")
         for column, (_, token_id, logprob) in enumerate(ranked):
             top_ids[row, column], top_logprobs[row, column] = token_id, logprob
-    return token_logprobs, top_ids, top_logprobs
+    return token_logprobs, token_ranks, top_ids, top_logprobs
 
 
 def scored_sequence(output: Any, item: ScoreItem, model_version: int) -> ScoredSequence:
@@ -116,9 +126,9 @@ def scored_sequence(output: Any, item: ScoreItem, model_version: int) -> ScoredS
     # (longer than prompt_ids where vLLM expanded picture placeholders).
     start = len(prompt_logprobs) - len(item.completion_ids)
     completion = [prompt_logprobs[p] for p in range(start, start + len(item.completion_ids))]
-    token_logprobs, top_ids, top_logprobs = distributions(completion, item.completion_ids, item.top_logprobs)
+    token_logprobs, token_ranks, top_ids, top_logprobs = distributions(completion, item.completion_ids, item.top_logprobs)
     return ScoredSequence(
-        token_ids=np.asarray(item.completion_ids, dtype=np.int32), token_logprobs=token_logprobs,
+        token_ids=np.asarray(item.completion_ids, dtype=np.int32), token_logprobs=token_logprobs, token_ranks=token_ranks,
         top_ids=top_ids, top_logprobs=top_logprobs, prompt_tokens=start, model_version=model_version,
     )
 
@@ -137,8 +147,9 @@ def _sample(completion: Any, k: int) -> Sample:
     if completion.finish_reason not in ("stop", "length"):  # "abort", "error", "repetition" or unfinished
         raise BackendUnavailable(f"vLLM ended a sample with finish reason {completion.finish_reason!r}")
     tokens = list(completion.token_ids)
-    token_logprobs, top_ids, top_logprobs = distributions(completion.logprobs or [None] * len(tokens), tokens, k)
+    token_logprobs, _, top_ids, top_logprobs = distributions(completion.logprobs or [None] * len(tokens), tokens, k)
     return Sample(
         token_ids=np.asarray(tokens, dtype=np.int32), token_logprobs=token_logprobs, top_ids=top_ids,
         top_logprobs=top_logprobs, text=completion.text, finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
     )
