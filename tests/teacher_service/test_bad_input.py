@@ -209,7 +209,7 @@ CASES = {
     "chat-messages-missing": Case(CHAT, "messages", {}),
     "chat-messages-empty": Case(CHAT, "messages", {"messages": []}),
     "chat-bad-role": Case(CHAT, "messages.0.role", {"messages": [ROBOT]}),
-    "chat-content-part-without-text": Case(CHAT, "messages.0.content.0.text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+    "chat-content-part-without-text": Case(CHAT, "messages.0.content.0", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
     "chat-tools": Case(CHAT, "tools", {"messages": OK_MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}),
     "chat-continue-with-generation-prompt": Case(CHAT, "continue_final_message", {"messages": OK_MESSAGES, "continue_final_message": True}),
     "chat-prompt-logprobs-streamed": Case(CHAT, "prompt_logprobs", {"messages": OK_MESSAGES, "stream": True, "prompt_logprobs": 1}),
