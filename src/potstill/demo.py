@@ -22,6 +22,7 @@ from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.evaluation import accuracy
+from trainer_client.samples import StudentTokens
 from trainer_client.progress import RunProgress
 from trainer_client.report import read_metrics, write_report
 from trainer_client.trainer import train
@@ -119,7 +120,7 @@ def build_toy_teacher(cache_dir: Path, seed: int, overrides: dict, console: Cons
 
 def model_accuracy(model_dir: Path, rows: list[dict]) -> float:
     model, tokenizer = load(model_dir)
-    return accuracy(model, tokenizer, [Row(**r) for r in rows], get_verifier(VERIFIER), max_new_tokens=6)
+    return accuracy(model, StudentTokens(tokenizer, max_seq_len=512), [Row(**r) for r in rows], get_verifier(VERIFIER), max_new_tokens=6)
 
 
 def _rows(result: DemoResult) -> list[tuple[str, str]]:

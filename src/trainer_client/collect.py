@@ -36,6 +36,7 @@ from trainer_client.config import TrainConfig
 from trainer_client.data import Row, load_rows, stream_rows
 from trainer_client.pool import PoolRunner
 from trainer_client.samples import StudentTokens
+from trainer_client.student_model import load_processor
 from trainer_client import trainer
 
 # The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
@@ -98,8 +99,8 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
         raise ValueError(f"method {config.method!r} asks teachers about the student's own samples, which change as it "
                          "learns: its teacher answers cannot be collected ahead")
     tokenizer = AutoTokenizer.from_pretrained(config.student)
-    vocab_size = AutoConfig.from_pretrained(config.student).vocab_size
-    tokens = StudentTokens(tokenizer, config.max_seq_len)
+    vocab_size = AutoConfig.from_pretrained(config.student).get_text_config().vocab_size
+    tokens = StudentTokens(tokenizer, config.max_seq_len, load_processor(config.student))
     if config.data_streaming:  # in data order; a resumed collect reads past the finished shards' rows
         parts: dict[str, Sequence[Row] | Iterable[Row]] = {"train": stream_rows(config.data, config.columns, config.data_split)}
     else:

@@ -1,4 +1,5 @@
-"""Training data: rows with a `prompt`, optional `completion`, `answer`, `task` and `tags`.
+"""Training data: rows with a `prompt`, optional `completion`, `answer`, `task` and `tags`, and
+optional `images` / `video` (file paths or encoded bytes; see media.py).
 
 `--data` (and `--eval-data`) takes:
 - a JSONL file (`.jsonl` / `.json`): one object per line;
@@ -55,6 +56,8 @@ class Row(BaseModel):
     answer: str | None = None
     task: str | None = Field(None, description="The row's task; teachers tagged with it serve it (--route tags).")
     tags: list[str] = Field(default_factory=list, description="More labels that pick teachers, like `task`.")
+    images: list[str | bytes] | None = Field(None, min_length=1, description="Images for the prompt: file paths or encoded bytes (media.py).")
+    video: list[str | bytes] | None = Field(None, min_length=1, description="A video for the prompt, as its frames: paths or encoded bytes.")
 
     @model_validator(mode="before")
     @classmethod
@@ -80,6 +83,10 @@ class Row(BaseModel):
     def prompt_text(self) -> str:
         """The prompt as text: itself, or its turns' contents one per line (for a judge's rubric)."""
         return self.prompt if isinstance(self.prompt, str) else "\n".join(turn.content for turn in self.prompt)
+
+    @property
+    def has_media(self) -> bool:
+        return bool(self.images or self.video)
 
     def labels(self) -> set[str]:
         """The task and tags that pick this row's teachers."""
@@ -172,7 +179,7 @@ def _load_arrow(source: str, dataset, columns: Columns, skip_bad_rows: bool) -> 
     if columns.prompt not in dataset.column_names and "messages" not in dataset.column_names:
         raise DataError(f"{source}: no column {columns.prompt!r} for the prompt (columns: {', '.join(dataset.column_names)}); "
                         "name the right one with --prompt-column")
-    checked = (columns.prompt, columns.completion, columns.answer, "messages", "task", "tags")
+    checked = (columns.prompt, columns.completion, columns.answer, "messages", "task", "tags", "images", "video")
     present = [column for column in checked if column in dataset.column_names]
     bad: list[int] = []
     for start, batch in zip(itertools.count(0, ARROW_BATCH_ROWS), dataset.select_columns(present).iter(batch_size=ARROW_BATCH_ROWS)):

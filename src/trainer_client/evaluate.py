@@ -26,7 +26,7 @@ from trainer_client.evaluation import Evaluator
 from trainer_client.methods import attach_teacher_distributions, reference_group
 from trainer_client.pool import PoolRunner
 from trainer_client.samples import PromptGroup, StudentTokens
-from trainer_client.student_model import load_model, load_tokenizer
+from trainer_client.student_model import load_model, load_processor, load_tokenizer
 from trainer_client.verifiers import VERIFIERS, get_verifier
 
 
@@ -53,7 +53,7 @@ def evaluate(config: EvalConfig) -> dict[str, float]:
     device = check_device(config.device)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, config.dtype).to(device).eval()
-    tokens = StudentTokens(tokenizer, config.max_seq_len)
+    tokens = StudentTokens(tokenizer, config.max_seq_len, load_processor(config.model))
     rows = list(load_rows(config.data).rows[: config.rows])
     verify = get_verifier(config.verifier) if config.verifier else None
     references = _reference_groups(rows, tokens)

@@ -11,35 +11,38 @@ from collections.abc import Callable
 
 import torch
 
-from trainer_client.data import ChatTurn, Row
+from trainer_client.data import Row
 from trainer_client.losses import distillation_loss
-from trainer_client.samples import Example, StudentTokens, encode_prompt
+from trainer_client.media import MediaInputs
+from trainer_client.samples import Example, StudentTokens
 from trainer_client.student_loss import collate
 
 
 @torch.inference_mode()
-def greedy_completions(model, tokenizer, prompts: list[str | list[ChatTurn]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of text or chat prompts (encoded as in training), left-padded in batches, cut at EOS."""
+def greedy_completions(model, tokens: StudentTokens, rows: list[Row], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of the rows' prompts (encoded as in training, media included), left-padded in batches, cut at EOS."""
     device = next(model.parameters()).device
+    tokenizer = tokens.tokenizer
     completions = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [{"input_ids": encode_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
-        batch = tokenizer.pad(ids, padding=True, padding_side="left", return_tensors="pt").to(device)
+    for start in range(0, len(rows), batch_size):
+        prompts = [tokens.row_prompt(row) for row in rows[start : start + batch_size]]
+        batch = tokenizer.pad([{"input_ids": ids} for ids, _ in prompts], padding=True, padding_side="left", return_tensors="pt")
+        media = MediaInputs.concatenated([part for _, part in prompts])
         output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **{name: tensor.to(device) for name, tensor in {**batch, **media}.items()}, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return completions
 
 
 def accuracy(
-    model, tokenizer, rows: list[Row], verify: Callable[[str, str], bool], max_new_tokens: int, batch_size: int = 64
+    model, tokens: StudentTokens, rows: list[Row], verify: Callable[[str, str], bool], max_new_tokens: int, batch_size: int = 64
 ) -> float:
     """Fraction of rows whose greedy completion the verifier accepts against the row's answer."""
     if not rows:
         raise ValueError("no rows to evaluate")
-    completions = greedy_completions(model, tokenizer, [r.prompt for r in rows], max_new_tokens, batch_size)
+    completions = greedy_completions(model, tokens, rows, max_new_tokens, batch_size)
     return sum(verify(c, r.answer) for c, r in zip(completions, rows)) / len(rows)
 
 
@@ -70,7 +73,7 @@ class Evaluator:
         model.eval()
         results = self._losses(model) if self.examples else {}
         if self.verify is not None:
-            results["eval/accuracy"] = accuracy(model, self.tokens.tokenizer, self.rows, self.verify, self.max_new_tokens)
+            results["eval/accuracy"] = accuracy(model, self.tokens, self.rows, self.verify, self.max_new_tokens)
         model.train(was_training)
         return results
 
@@ -80,7 +83,7 @@ class Evaluator:
         ce_sum = kl_sum = tokens = 0.0
         for start in range(0, len(self.examples), self.batch_size):
             batch = collate(self.examples[start : start + self.batch_size], self.tokens.tokenizer.pad_token_id or 0).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.media).logits[:, :-1].float()
             count = batch.target_mask.sum().item()
             ce_sum += torch.nn.functional.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask], reduction="sum").item()
             if batch.teacher_ids is not None:

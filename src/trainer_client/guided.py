@@ -64,7 +64,7 @@ class Guided(Method):
         for candidate in solutions:
             self.stats.add(f"select/accepted/{candidate.author}", candidate.weight)
         if len(verified) > 1:
-            likelihoods = student.mean_logprobs([(group.prompt_ids, c.target_ids) for c in verified])
+            likelihoods = student.mean_logprobs([Example(group.prompt_ids, c.target_ids, media=group.media) for c in verified])
             best = max(range(len(verified)), key=likelihoods.__getitem__)
             for index, candidate in enumerate(verified):
                 candidate.weight = float(index == best)

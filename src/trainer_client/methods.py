@@ -114,7 +114,7 @@ class Method:
 
 def reference_group(row: Row, tokens: StudentTokens) -> PromptGroup:
     """A row with its reference completion as the one candidate."""
-    return PromptGroup(row, tokens.prompt(row.prompt), [Candidate(tokens.target(row.completion), row.completion, REFERENCE)])
+    return tokens.group(row, [Candidate(tokens.target(row.completion), row.completion, REFERENCE)])
 
 
 class SFT(Method):
@@ -139,9 +139,10 @@ class SampledTargets(Method):
     def rollout(self, student: StudentView, rows: list[Row], step: int) -> object:
         if not self.adversarial:
             return None
-        prompts = [self.tokens.prompt(row.prompt) for row in rows]
-        samples = student.sample(prompts, 1, self.config.max_new_tokens, self.config.student_temperature, step_seed(self.config, step))
-        return [[Example(*self.tokens.fit(p, c.target_ids), weight=0.0, own=True) for c in own if c.target_ids] for p, own in zip(prompts, samples)]
+        groups = [self.tokens.group(row) for row in rows]
+        samples = student.sample(groups, 1, self.config.max_new_tokens, self.config.student_temperature, step_seed(self.config, step))
+        return [[Example(*g.fit(self.tokens, c.target_ids), weight=0.0, own=True, media=g.media) for c in own if c.target_ids]
+                for g, own in zip(groups, samples)]
 
     async def annotate(self, rows: list[Row], rollout: object, step: int) -> list[PromptGroup]:
         groups = await self.router.sample(rows, step_seed(self.config, step))
@@ -188,7 +189,7 @@ async def attach_teacher_distributions(
     wanted: dict[str, list[tuple[Candidate, list[int], list[int]]]] = defaultdict(list)
     for group, names in zip(groups, teachers_per_group):
         for candidate in group.candidates:
-            prompt, target = tokens.fit(group.prompt_ids, candidate.target_ids)
+            prompt, target = group.fit(tokens, candidate.target_ids)
             if candidate.teacher_prompt_ids is not None:  # the target is already cut to fit: only this prompt's start goes
                 prompt, _ = tokens.fit(candidate.teacher_prompt_ids, target)
             for name in names:

@@ -41,9 +41,10 @@ def student_rollouts(
     """Each row's prompt group holding `samples` completions sampled from the student's current
     weights (candidates authored STUDENT, cut after their first EOS). Token ids and masks for the
     loss come from `group.examples(tokens)` and `student_loss.collate`."""
-    prompts = [tokens.prompt(row.prompt) for row in rows]
-    sampled = student.sample(prompts, samples, max_new_tokens, temperature, seed)
-    return [PromptGroup(row, prompt, candidates) for row, prompt, candidates in zip(rows, prompts, sampled)]
+    groups = [tokens.group(row) for row in rows]
+    for group, candidates in zip(groups, student.sample(groups, samples, max_new_tokens, temperature, seed)):
+        group.candidates = candidates
+    return groups
 
 
 def privileged_prompt(template: str, row: Row, candidate: Candidate, verdict: bool | None) -> str:

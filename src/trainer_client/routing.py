@@ -70,7 +70,7 @@ class Router:
 
     async def sample(self, rows: list[Row], seed: int) -> list[PromptGroup]:
         """Each row's prompt group, with `samples_per_prompt` samples from every teacher it asks."""
-        groups = [PromptGroup(row, self.tokens.prompt(row.prompt)) for row in rows]
+        groups = [self.tokens.group(row) for row in rows]
         by_teacher: dict[str, list[int]] = defaultdict(list)
         for index, names in enumerate(self.asked(rows, seed)):
             for name in names:

@@ -16,6 +16,7 @@ import numpy as np
 from potstill.fingerprint import tokenizer_fingerprint
 from teacher_service.protocol import Sample
 from trainer_client.data import ChatTurn, Row
+from trainer_client.media import MediaInputs, encode_with_media
 
 STUDENT = "student"  # the `author` of a candidate the student sampled itself
 
@@ -34,6 +35,7 @@ class Example:
     reward: float = 0.0  # a sequence reward (the verifier's), spread over its tokens by the policy-gradient update
     # Policy-gradient methods: each target token's advantage; the loss is then -advantage x its log-prob.
     advantages: np.ndarray | None = None  # float [len(target_ids)]
+    media: MediaInputs | None = None  # the prompt's pixels, for the placeholders in `prompt_ids`
 
 
 @dataclass
@@ -65,6 +67,7 @@ class PromptGroup:
     candidates: list[Candidate] = field(default_factory=list)
     teacher_ce: dict[str, float] = field(default_factory=dict)  # per teacher, on the row's reference (route lowest-ce)
     own_examples: list[Example] = field(default_factory=list)  # the student's own samples (adversarial term)
+    media: MediaInputs | None = None  # the prompt's pixels (the row's images / video), for every example
 
     def by_author(self) -> dict[str, list[Candidate]]:
         grouped: dict[str, list[Candidate]] = defaultdict(list)
@@ -75,11 +78,15 @@ class PromptGroup:
     def examples(self, tokens: StudentTokens) -> list[Example]:
         """The candidates with a positive weight, as weighted examples."""
         return [
-            Example(*tokens.fit(self.prompt_ids, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs,
-                    teacher_token_logprobs=c.teacher_token_logprobs, reward=c.reward, advantages=c.advantages)
+            Example(*self.fit(tokens, c.target_ids), c.weight, c.teacher_ids, c.teacher_logprobs,
+                    teacher_token_logprobs=c.teacher_token_logprobs, reward=c.reward, advantages=c.advantages, media=self.media)
             for c in self.candidates
             if c.weight > 0 and c.target_ids
         ]
+
+    def fit(self, tokens: StudentTokens, target_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt and a target cut to the student's `max_seq_len` (a prompt with media is kept whole)."""
+        return tokens.fit(self.prompt_ids, target_ids, whole_prompt=self.media is not None)
 
 
 def encode_prompt(tokenizer, prompt: str | list[ChatTurn]) -> list[int]:
@@ -96,14 +103,29 @@ def encode_prompt(tokenizer, prompt: str | list[ChatTurn]) -> list[int]:
 class StudentTokens:
     """How the student turns rows and teacher samples into token ids."""
 
-    def __init__(self, tokenizer, max_seq_len: int):
+    def __init__(self, tokenizer, max_seq_len: int, processor=None):
+        """processor: a vision-language student's (media.py), for rows with images or video."""
         self.tokenizer = tokenizer
+        self.processor = processor
         self.max_seq_len = max_seq_len
         self.eos_id = tokenizer.eos_token_id
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
     def prompt(self, prompt: str | list[ChatTurn]) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
+
+    def row_prompt(self, row: Row) -> tuple[list[int], MediaInputs | None]:
+        """The row's prompt ids and, for a row with images or video, its pixels (placeholders expanded in the ids)."""
+        if not row.has_media:
+            return self.prompt(row.prompt), None
+        if self.processor is None:
+            raise ValueError("a row has images or video, but the student is a text-only model (it has no image processor)")
+        return encode_with_media(self.processor, row)
+
+    def group(self, row: Row, candidates: list[Candidate] | None = None) -> PromptGroup:
+        """A prompt group for the row, with its prompt encoded (and its media, if any)."""
+        prompt_ids, media = self.row_prompt(row)
+        return PromptGroup(row, prompt_ids, candidates or [], media=media)
 
     def target(self, text: str, ends: bool = True) -> list[int]:
         """A completion's ids, closed by EOS when the text is complete (so the student learns to stop)."""
@@ -113,8 +135,16 @@ class StudentTokens:
     def text(self, target_ids: list[int]) -> str:
         return self.tokenizer.decode(target_ids, skip_special_tokens=True)
 
-    def fit(self, prompt_ids: list[int], target_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Cut to `max_seq_len`: the target's end first, then the prompt's start (never below 1 token each)."""
+    def fit(self, prompt_ids: list[int], target_ids: list[int], whole_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Cut to `max_seq_len`: the target's end first, then the prompt's start (never below 1 token each).
+
+        whole_prompt: the prompt may not be cut (its media placeholders must all stay), only the target.
+        """
+        if whole_prompt:
+            if len(prompt_ids) >= self.max_seq_len:
+                raise ValueError(f"a prompt with images or video is {len(prompt_ids)} tokens, which leaves no room for "
+                                 f"a completion within max_seq_len {self.max_seq_len}; raise --max-seq-len")
+            return prompt_ids, target_ids[: self.max_seq_len - len(prompt_ids)]
         target_ids = target_ids[: max(1, self.max_seq_len - 1)]
         prompt_ids = prompt_ids[-max(1, self.max_seq_len - len(target_ids)) :]
         return prompt_ids, target_ids

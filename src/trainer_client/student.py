@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer_client.samples import STUDENT, Candidate, Example, StudentTokens
+from trainer_client.media import MediaInputs
+from trainer_client.samples import STUDENT, Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.student_loss import collate
 
 
@@ -27,8 +28,9 @@ class StudentView:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, seed: int) -> list[list[Candidate]]:
-        """`n` samples per prompt (ids), as candidates authored by the student; temperature 0 is greedy."""
+    def sample(self, groups: list[PromptGroup], n: int, max_new_tokens: int, temperature: float, seed: int) -> list[list[Candidate]]:
+        """`n` samples per group's prompt (with its media), as candidates authored by the student; temperature 0 is greedy."""
+        prompts = [group.prompt_ids for group in groups]
         pad = self.tokens.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # [B, W], left-padded
@@ -39,12 +41,16 @@ class StudentView:
             torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                **self._media([group.media for group in groups]),
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
                 num_return_sequences=n, pad_token_id=pad, eos_token_id=self.tokens.eos_id,
             )[:, width:]  # [B * n, new]
         self.model.train(was_training)
         samples = [self._candidate(row.tolist()) for row in output]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _media(self, parts: list[MediaInputs | None]) -> dict[str, torch.Tensor]:
+        return {name: tensor.to(self.device) for name, tensor in MediaInputs.concatenated(parts).items()}
 
     def _candidate(self, ids: list[int]) -> Candidate:
         """Cut after the first EOS (kept, so the student learns to stop) and drop padding."""
@@ -55,15 +61,15 @@ class StudentView:
             ids = [t for t in ids if t != pad]
         return Candidate(target_ids=ids, text=self.tokens.text(ids), author=STUDENT)
 
-    def mean_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """The student's mean log-prob per target token of each (prompt ids, target ids) pair."""
-        return [float(logprobs.mean()) if len(logprobs) else 0.0 for logprobs in self.token_logprobs(pairs)]
+    def mean_logprobs(self, examples: list[Example]) -> list[float]:
+        """The student's mean log-prob per target token of each example (its prompt's media included)."""
+        return [float(logprobs.mean()) if len(logprobs) else 0.0 for logprobs in self.token_logprobs(examples)]
 
     @torch.no_grad()
-    def token_logprobs(self, pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """The student's log-prob of each target token [len(target)] of each (prompt ids, target ids) pair."""
-        batch = collate([Example(p, t) for p, t in pairs], self.tokens.tokenizer.pad_token_id or 0).to(self.device)
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    def token_logprobs(self, examples: list[Example]) -> list[np.ndarray]:
+        """The student's log-prob of each target token [len(target)] of each example (its prompt's media included)."""
+        batch = collate(examples, self.tokens.tokenizer.pad_token_id or 0).to(self.device)
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.media).logits[:, :-1].float()
         token_logprobs = -F.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")  # [B, T - 1]
         return [row[mask].cpu().numpy() for row, mask in zip(token_logprobs, batch.target_mask)]
 

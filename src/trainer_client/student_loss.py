@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer_client.config import ON_POLICY_METHODS, TrainConfig
 from trainer_client.losses import distillation_advantage, distillation_per_position, policy_gradient_loss, sampled_reverse_kl
+from trainer_client.media import MediaInputs
 from trainer_client.samples import Example
 
 
@@ -41,14 +42,17 @@ class Batch:
     teacher_token_logprobs: torch.Tensor | None = None  # [B, T - 1]: the teachers' log-prob of each label (target positions)
     rewards: torch.Tensor | None = None  # [B, T - 1]: the example's sequence reward at its target positions, else 0
     advantages: torch.Tensor | None = None  # [B, T - 1] float: policy-gradient advantage per target position, else 0
+    # The prompts' pixels, concatenated in row order (model keyword arguments); empty without media.
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return Batch(**moved)
+        return Batch(**{**moved, "media": {k: v.to(device) for k, v in self.media.items()}})
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-padded tensors; position t of `labels` holds token t + 1 of the sequence."""
+    """Right-padded tensors; position t of `labels` holds token t + 1 of the sequence. The examples'
+    pixels are concatenated in row order, as the model fills its placeholders."""
     width = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
     has_teacher = examples[0].teacher_ids is not None
     has_token_logprobs = examples[0].teacher_token_logprobs is not None
@@ -91,6 +95,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         teacher_token_logprobs=teacher_token_logprobs if has_token_logprobs else None,
         rewards=rewards,
         advantages=advantages if has_advantages else None,
+        media=MediaInputs.concatenated([e.media for e in examples]),
     )
 
 
@@ -155,7 +160,7 @@ def final_hidden_states(model, unwrapped, batch: Batch) -> torch.Tensor:
     are read from the inner base model with a hook."""
     keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters else {}
     with _capture_output(unwrapped.base_model) as captured:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **keep_one)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.media, **keep_one)
     return captured[-1]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from potstill.usage import UsageError, check_model_source
 from trainer_client.config import TrainConfig
@@ -30,6 +30,16 @@ def load_tokenizer(name: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_processor(name: str):
+    """A vision-language student's processor (it prepares the pixels of rows with images or video);
+    None for a text-only model (its config has no vision tower)."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):  # a LoRA adapter's folder: its base model is a causal LM
+        return None
+    return AutoProcessor.from_pretrained(name) if getattr(config, "vision_config", None) is not None else None
 
 
 def load_model(name: str, dtype: str = "float32"):

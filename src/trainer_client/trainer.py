@@ -62,7 +62,7 @@ from trainer_client.self_teacher import SelfTeacher, self_teacher_kind
 from trainer_client.sharding import full_model_state, is_sharded, shard_student
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
-from trainer_client.student_model import load_student, save_student, trainable_parameters, transformer_model
+from trainer_client.student_model import load_processor, load_student, save_student, trainable_parameters, transformer_model
 from trainer_client.teachers import TeacherClientError
 from trainer_client.tracking import MetricsLog, accelerator_tracking, finish_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
@@ -95,7 +95,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         accelerator.wait_for_everyone()
         set_seed(config.seed)
         tokenizer, model = load_student(config)
-        tokens = StudentTokens(tokenizer, config.max_seq_len)
+        tokens = StudentTokens(tokenizer, config.max_seq_len, load_processor(config.student))
         data = load_training_rows(config)
         eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -179,7 +179,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             raise
 
         # --- save (the last evaluation ran at the last step); before the cleanup, which ends the process group ---
-        save_final(accelerator, model, tokenizer, output, config.merge_lora)
+        save_final(accelerator, model, tokens.processor or tokenizer, output, config.merge_lora)
     if accelerator.is_main_process:
         write_report(output)  # after the cleanup wrote teacher_traffic.json, which the report plots
     return RunResult(output, config.steps, final_eval, waited / stepped if stepped else 0.0)

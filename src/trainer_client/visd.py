@@ -180,7 +180,7 @@ class VISD(GRPO):
         """The rollouts, with the student's own log-prob of each of their tokens (for the gap Δ)."""
         groups = super().rollout(student, rows, step)
         pairs = [(group, candidate) for group in groups for candidate in group.candidates]
-        logprobs = student.token_logprobs([self.tokens.fit(g.prompt_ids, c.target_ids) for g, c in pairs])
+        logprobs = student.token_logprobs([Example(*g.fit(self.tokens, c.target_ids), media=g.media) for g, c in pairs])
         for (_, candidate), own in zip(pairs, logprobs):
             candidate.student_token_logprobs = own
         return groups

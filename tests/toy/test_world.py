@@ -19,6 +19,7 @@ from potstill.toy.models import build_tiny_model
 from potstill.toy.tokenizer import build_tokenizer
 from trainer_client.data import Row
 from trainer_client.evaluation import accuracy
+from trainer_client.samples import StudentTokens
 from trainer_client.verifiers import VERIFIERS, get_verifier, verify_integer
 
 TINY = {"steps": 20, "hidden_size": 32, "layers": 1, "heads": 2, "batch_size": 16, "train_rows": 200}
@@ -209,7 +210,7 @@ def test_student_is_smaller_than_every_teacher_and_shares_the_tokenizer(tmp_path
 
 
 def _accuracy(model, tokenizer, rows: list[dict], batch_size: int = 64) -> float:
-    return accuracy(model, tokenizer, [Row(**row) for row in rows], verify, max_new_tokens=8, batch_size=batch_size)
+    return accuracy(model, StudentTokens(tokenizer, 512), [Row(**row) for row in rows], verify, max_new_tokens=8, batch_size=batch_size)
 
 
 def test_untrained_model_gets_nothing_right(tmp_path):

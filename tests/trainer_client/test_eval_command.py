@@ -11,13 +11,15 @@ from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from trainer_client.data import Row
 from trainer_client.evaluation import greedy_completions
+from trainer_client.samples import StudentTokens
 from trainer_client.student_model import load_model, load_tokenizer
 
 
 def test_eval_reports_kl_per_teacher_ce_and_accuracy(tiny_model_dir, teacher, tmp_path, capsys):
     # Answers: the model's own greedy completion on even rows, a wrong one on odd rows -> 50% accuracy.
     rows = make_rows(8, seed=3, split="eval")
-    completions = greedy_completions(load_model(tiny_model_dir), load_tokenizer(tiny_model_dir), [r["prompt"] for r in rows], 4)
+    tokens = StudentTokens(load_tokenizer(tiny_model_dir), 512)
+    completions = greedy_completions(load_model(tiny_model_dir), tokens, [Row(**r) for r in rows], 4)
     for index, (row, completion) in enumerate(zip(rows, completions)):
         row["answer"] = completion if index % 2 == 0 else completion + "never"
     data = write_jsonl(rows, tmp_path / "eval.jsonl")
