@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoConfig, AutoTokenizer
 
-from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
 from trainer_client.cache_source import RecordingSource, open_for_writing, request_settings
 from trainer_client.cache_store import CachedTeacher, Entry, Manifest, StorageFormat, id_bits_for
@@ -36,7 +35,6 @@ from trainer_client.config import TrainConfig
 from trainer_client.data import Row, load_rows, stream_rows
 from trainer_client.pool import PoolRunner
 from trainer_client.samples import StudentTokens
-from trainer_client.student_model import load_processor
 from trainer_client import trainer
 
 # The run settings collect reads: what decides the teachers' requests, the data, and how to reach teachers.
@@ -100,7 +98,7 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
                          "learns: its teacher answers cannot be collected ahead")
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     vocab_size = AutoConfig.from_pretrained(config.student).get_text_config().vocab_size
-    tokens = StudentTokens(tokenizer, config.max_seq_len, load_processor(config.student))
+    tokens = trainer.student_tokens(config, tokenizer)
     if config.data_streaming:  # in data order; a resumed collect reads past the finished shards' rows
         parts: dict[str, Sequence[Row] | Iterable[Row]] = {"train": stream_rows(config.data, config.columns, config.data_split)}
     else:
@@ -109,7 +107,7 @@ def collect(config: TrainConfig, options: CollectOptions, progress: bool = True)
         parts["eval"] = trainer.load_eval_rows(config)
     sizes = {part: len(rows) if isinstance(rows, Sequence) else None for part, rows in parts.items()}
     with trainer.connect_teachers(config, tokenizer, vocab_size) as runner:
-        manifest = _start_or_resume(options, runner, request_settings(config, tokenizer_fingerprint(tokenizer)), sizes, config)
+        manifest = _start_or_resume(options, runner, request_settings(config, tokens.fingerprint), sizes, config)
         done = {record.file for record in manifest.shards}
         with _progress_bar(progress) as bar:
             total = None if None in sizes.values() else sum(sizes.values())

@@ -38,7 +38,11 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # --- what is trained, from whom, on what ---
-    student: str = Field(description="Student model: a local path or a hub id (AutoModelForCausalLM).")
+    student: str = Field(description="Student model: a local path or a hub id (AutoModelForCausalLM, or AutoModelForImageTextToText "
+                                     "with its processor for a vision-language model).")
+    student_media: Literal["pixels", "none"] = Field(
+        "pixels", description="What the student sees of rows' images and video: 'pixels' (through its processor), or 'none': "
+        "the text only, while teachers still receive the media (an ablation; a text-only student).")
     teachers: list[str] = Field(
         default_factory=list,
         description="Teacher endpoints: grpc://, grpcs://, http(s)://, openai+http(s)://...; "

@@ -18,7 +18,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from potstill.devices import DEVICE_HELP, DEVICE_PATTERN, check_device
-from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
 from potstill.usage import UsageError
 from trainer_client.data import load_rows
@@ -76,7 +75,7 @@ def _kl_per_teacher(config: EvalConfig, model, tokens: StudentTokens, rows) -> d
     results = {}
     with PoolRunner.connect(
         config.teachers, api_key=api_key, timeout=config.teacher_timeout, require_white_box=True,
-        student_fingerprint=tokenizer_fingerprint(tokens.tokenizer),
+        student_fingerprint=tokens.fingerprint,
         student_vocab_size=model.get_output_embeddings().weight.shape[0], tokenizer=tokens.tokenizer,
     ) as runner:
         for teacher in runner.pool.groups():

@@ -13,7 +13,7 @@ import torch
 
 from trainer_client.data import Row
 from trainer_client.losses import distillation_loss
-from trainer_client.media import MediaInputs
+from trainer_client.media import batch_media
 from trainer_client.samples import Example, StudentTokens
 from trainer_client.student_loss import collate
 
@@ -27,7 +27,8 @@ def greedy_completions(model, tokens: StudentTokens, rows: list[Row], max_new_to
     for start in range(0, len(rows), batch_size):
         prompts = [tokens.row_prompt(row) for row in rows[start : start + batch_size]]
         batch = tokenizer.pad([{"input_ids": ids} for ids, _ in prompts], padding=True, padding_side="left", return_tensors="pt")
-        media = MediaInputs.concatenated([part for _, part in prompts])
+        width = batch["input_ids"].shape[1]
+        media = batch_media([part for _, part in prompts], [width - len(ids) for ids, _ in prompts], width)
         output = model.generate(
             **{name: tensor.to(device) for name, tensor in {**batch, **media}.items()}, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -15,6 +15,7 @@ when examples are batched: the model assigns them to its placeholders in that or
 
 from __future__ import annotations
 
+import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from trainer_client.data import Row
 
 # A picture larger than this many pixels is refused before it is decoded (a decompression bomb).
 MAX_PIXELS = 4096 * 4096
-# Processor outputs that are per-token bookkeeping, rebuilt from the ids when batched, not pixels.
+# Processor outputs that are per token, not pixels: rebuilt for each batch from the prompts.
 _NOT_PIXELS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -55,26 +56,58 @@ def media_parts(row: Row) -> list[dict]:
     return [{"type": "image"} for _ in row.images or []] + ([{"type": "video"}] if row.video else [])
 
 
-def media_messages(row: Row) -> list[dict]:
-    """The row's prompt as chat turns whose last user turn opens with the media parts."""
+def media_messages(row: Row, parts: list[dict] | None = None) -> list[dict]:
+    """The row's prompt as chat turns whose last user turn opens with the media's content parts
+    (`parts`; by default the placeholders of `media_parts`, as chat templates take them)."""
     turns = row.chat_turns() or [{"role": "user", "content": row.prompt}]
     last_user = max(i for i, turn in enumerate(turns) if turn["role"] == "user")
-    turns[last_user] = {**turns[last_user], "content": media_parts(row) + [{"type": "text", "text": turns[last_user]["content"]}]}
+    parts = media_parts(row) if parts is None else parts
+    turns[last_user] = {**turns[last_user], "content": parts + [{"type": "text", "text": turns[last_user]["content"]}]}
     return turns
+
+
+def _data_url(item: str | bytes) -> str:
+    """A picture as a base64 data: URL (a path is read), as teachers take it (`teacher_service.media`)."""
+    data = item if isinstance(item, bytes) else Path(item).read_bytes()
+    kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def teacher_messages(row: Row) -> list[dict]:
+    """The row's prompt as a teacher receives it: chat turns whose last user turn opens with the
+    media as OpenAI-style parts (`image_url`, and `video_url` with its frames), each a data: URL."""
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(item)}} for item in row.images or []]
+    if row.video:
+        parts.append({"type": "video_url", "video_url": {"frames": [_data_url(item) for item in row.video]}})
+    return media_messages(row, parts)
 
 
 @dataclass
 class MediaInputs:
-    """One prompt's pixel tensors, as its processor names them (`pixel_values` [patches, D], `image_grid_thw` [images, 3]...)."""
+    """One prompt's pixel tensors, as its processor names them (`pixel_values` [patches, D],
+    `image_grid_thw` [images, 3]...), and the kind of each prompt token (`mm_token_type_ids`:
+    0 text, 1 image, 2 video, where the processor gives them; Qwen2-VL's rotary positions need them)."""
 
     tensors: dict[str, torch.Tensor]
+    token_types: list[int] | None = None  # [len(prompt)]
 
-    @staticmethod
-    def concatenated(parts: list[MediaInputs | None]) -> dict[str, torch.Tensor]:
-        """The model keyword arguments for a batch of prompts: each tensor concatenated in prompt order."""
-        present = [part.tensors for part in parts if part is not None]
-        names = dict.fromkeys(name for tensors in present for name in tensors)
-        return {name: torch.cat([tensors[name] for tensors in present if name in tensors]) for name in names}
+
+def batch_media(parts: list[MediaInputs | None], offsets: list[int], width: int) -> dict[str, torch.Tensor]:
+    """The model keyword arguments for a batch of sequences padded to `width`, whose prompts start
+    at `offsets` (0 right-padded): each pixel tensor concatenated in row order, and the token kinds
+    [B, width] (0 outside the prompts). Empty when no sequence has media."""
+    present = [part for part in parts if part is not None]
+    if not present:
+        return {}
+    names = dict.fromkeys(name for part in present for name in part.tensors)
+    inputs = {name: torch.cat([part.tensors[name] for part in present if name in part.tensors]) for name in names}
+    if any(part.token_types is not None for part in present):
+        types = torch.zeros((len(parts), width), dtype=torch.long)
+        for row, (part, offset) in enumerate(zip(parts, offsets)):
+            if part is not None and part.token_types is not None:
+                types[row, offset : offset + len(part.token_types)] = torch.tensor(part.token_types)
+        inputs["mm_token_type_ids"] = types
+    return inputs
 
 
 def encode_with_media(processor, row: Row) -> tuple[list[int], MediaInputs]:
@@ -85,4 +118,5 @@ def encode_with_media(processor, row: Row) -> tuple[list[int], MediaInputs]:
     images, frames = row_pictures(row)
     encoded = processor(text=[text], images=images or None, videos=[frames] if frames else None, return_tensors="pt")
     tensors = {name: value for name, value in encoded.items() if name not in _NOT_PIXELS}
-    return encoded["input_ids"][0].tolist(), MediaInputs(tensors)
+    types = encoded["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in encoded else None
+    return encoded["input_ids"][0].tolist(), MediaInputs(tensors, types)

@@ -44,12 +44,6 @@ def tagged_teachers(row: Row, teachers: list[TeacherInfo]) -> list[str]:
     return matching or [t.name for t in teachers]
 
 
-def _teacher_prompt(group: PromptGroup) -> list[int] | list[dict]:
-    """What a teacher is asked to continue: chat turns as turns (each teacher applies its own
-    template), a text prompt as the student's ids."""
-    return group.row.chat_turns() or group.prompt_ids
-
-
 class Router:
     def __init__(self, config: TrainConfig, tokens: StudentTokens, source: TeacherSource, teachers: list[TeacherInfo]):
         self.config, self.tokens, self.source, self.teachers = config, tokens, source, teachers
@@ -77,7 +71,7 @@ class Router:
                 by_teacher[name].append(index)
         names = list(by_teacher)
         responses = await asyncio.gather(*(
-            self.source.generate(name, self._generate_request([_teacher_prompt(groups[i]) for i in by_teacher[name]], seed))
+            self.source.generate(name, self._generate_request([groups[i].teacher_prompt() for i in by_teacher[name]], seed))
             for name in names
         ))
         for name, response in zip(names, responses):

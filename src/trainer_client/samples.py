@@ -16,7 +16,7 @@ import numpy as np
 from potstill.fingerprint import tokenizer_fingerprint
 from teacher_service.protocol import Sample
 from trainer_client.data import ChatTurn, Row
-from trainer_client.media import MediaInputs, encode_with_media
+from trainer_client.media import MediaInputs, encode_with_media, teacher_messages
 
 STUDENT = "student"  # the `author` of a candidate the student sampled itself
 
@@ -84,6 +84,14 @@ class PromptGroup:
             if c.weight > 0 and c.target_ids
         ]
 
+    def teacher_prompt(self) -> list[int] | list[dict]:
+        """What a teacher is asked to continue: a row with images or video as chat turns carrying
+        them as parts, chat turns as turns (each teacher renders them with its own template and
+        processor), a text prompt as the student's ids."""
+        if self.row.has_media:
+            return teacher_messages(self.row)
+        return self.row.chat_turns() or self.prompt_ids
+
     def fit(self, tokens: StudentTokens, target_ids: list[int]) -> tuple[list[int], list[int]]:
         """The prompt and a target cut to the student's `max_seq_len` (a prompt with media is kept whole)."""
         return tokens.fit(self.prompt_ids, target_ids, whole_prompt=self.media is not None)
@@ -103,23 +111,26 @@ def encode_prompt(tokenizer, prompt: str | list[ChatTurn]) -> list[int]:
 class StudentTokens:
     """How the student turns rows and teacher samples into token ids."""
 
-    def __init__(self, tokenizer, max_seq_len: int, processor=None):
-        """processor: a vision-language student's (media.py), for rows with images or video."""
+    def __init__(self, tokenizer, max_seq_len: int, processor=None, see_media: bool = True):
+        """processor: a vision-language student's (media.py), for rows with images or video;
+        see_media False: the student's prompts leave rows' media out (teachers still get them)."""
         self.tokenizer = tokenizer
         self.processor = processor
+        self.see_media = see_media
         self.max_seq_len = max_seq_len
         self.eos_id = tokenizer.eos_token_id
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.fingerprint = tokenizer_fingerprint(processor if processor is not None else tokenizer)  # a processor's covers its media tokens
 
     def prompt(self, prompt: str | list[ChatTurn]) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
     def row_prompt(self, row: Row) -> tuple[list[int], MediaInputs | None]:
         """The row's prompt ids and, for a row with images or video, its pixels (placeholders expanded in the ids)."""
-        if not row.has_media:
+        if not row.has_media or not self.see_media:
             return self.prompt(row.prompt), None
         if self.processor is None:
-            raise ValueError("a row has images or video, but the student is a text-only model (it has no image processor)")
+            raise ValueError("a row has images or video, but the student is a text-only model (it has no image processor); "
+                             "--student-media none trains it on the rows' text alone")
         return encode_with_media(self.processor, row)
 
     def group(self, row: Row, candidates: list[Candidate] | None = None) -> PromptGroup:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer_client.media import MediaInputs
+from trainer_client.media import batch_media
 from trainer_client.samples import STUDENT, Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.student_loss import collate
 
@@ -41,7 +41,7 @@ class StudentView:
             torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                **self._media([group.media for group in groups]),
+                **self._media(groups, width),
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
                 num_return_sequences=n, pad_token_id=pad, eos_token_id=self.tokens.eos_id,
             )[:, width:]  # [B * n, new]
@@ -49,8 +49,10 @@ class StudentView:
         samples = [self._candidate(row.tolist()) for row in output]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _media(self, parts: list[MediaInputs | None]) -> dict[str, torch.Tensor]:
-        return {name: tensor.to(self.device) for name, tensor in MediaInputs.concatenated(parts).items()}
+    def _media(self, groups: list[PromptGroup], width: int) -> dict[str, torch.Tensor]:
+        """The groups' pixels and token kinds for their prompts left-padded to `width`."""
+        inputs = batch_media([g.media for g in groups], [width - len(g.prompt_ids) for g in groups], width)
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
 
     def _candidate(self, ids: list[int]) -> Candidate:
         """Cut after the first EOS (kept, so the student learns to stop) and drop padding."""

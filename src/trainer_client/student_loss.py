@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer_client.config import ON_POLICY_METHODS, TrainConfig
 from trainer_client.losses import distillation_advantage, distillation_per_position, policy_gradient_loss, sampled_reverse_kl
-from trainer_client.media import MediaInputs
+from trainer_client.media import batch_media
 from trainer_client.samples import Example
 
 
@@ -95,7 +95,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         teacher_token_logprobs=teacher_token_logprobs if has_token_logprobs else None,
         rewards=rewards,
         advantages=advantages if has_advantages else None,
-        media=MediaInputs.concatenated([e.media for e in examples]),
+        media=batch_media([e.media for e in examples], [0] * len(examples), width),
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+from potstill import vision
+from potstill.fingerprint import tokenizer_fingerprint
 from potstill.usage import UsageError, check_model_source
 from trainer_client.config import TrainConfig
 
@@ -32,19 +34,30 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_processor(name: str):
-    """A vision-language student's processor (it prepares the pixels of rows with images or video);
-    None for a text-only model (its config has no vision tower)."""
+def is_vision_student(name: str) -> bool:
+    """Whether the model takes pixels (its config has a vision tower); a LoRA adapter's folder is a causal LM's."""
     try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError):  # a LoRA adapter's folder: its base model is a causal LM
-        return None
-    return AutoProcessor.from_pretrained(name) if getattr(config, "vision_config", None) is not None else None
+        return getattr(AutoConfig.from_pretrained(name), "vision_config", None) is not None
+    except (OSError, ValueError):  # no config.json: an adapter
+        return False
+
+
+def load_processor(name: str):
+    """A vision-language student's processor (it prepares the pixels of rows with images or video); None for a text model."""
+    return vision.load_processor(name) if is_vision_student(name) else None
+
+
+def student_fingerprint(name: str, tokenizer) -> str:
+    """The student's tokenizer fingerprint as teachers report theirs: a vision student's covers its processor's media tokens."""
+    processor = load_processor(name)
+    return tokenizer_fingerprint(processor if processor is not None else tokenizer)
 
 
 def load_model(name: str, dtype: str = "float32"):
-    """A causal LM from a path or hub id; a folder holding a LoRA adapter loads with its base model."""
-    return AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    """A causal LM, or an image-text-to-text model for a vision-language student, from a path or hub
+    id; a folder holding a LoRA adapter loads with its base model."""
+    auto = AutoModelForImageTextToText if is_vision_student(name) else AutoModelForCausalLM
+    return auto.from_pretrained(name, dtype=DTYPES[dtype])
 
 
 def load_student(config: TrainConfig):

@@ -33,7 +33,6 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from potstill.devices import check_device
-from potstill.fingerprint import tokenizer_fingerprint
 from potstill.flags import add_schema_arguments, settings_values
 from potstill.usage import one_line
 from trainer_client.cache_source import (
@@ -62,7 +61,14 @@ from trainer_client.self_teacher import SelfTeacher, self_teacher_kind
 from trainer_client.sharding import full_model_state, is_sharded, shard_student
 from trainer_client.student import StudentView
 from trainer_client.student_loss import collate
-from trainer_client.student_model import load_processor, load_student, save_student, trainable_parameters, transformer_model
+from trainer_client.student_model import (
+    load_processor,
+    load_student,
+    save_student,
+    student_fingerprint,
+    trainable_parameters,
+    transformer_model,
+)
 from trainer_client.teachers import TeacherClientError
 from trainer_client.tracking import MetricsLog, accelerator_tracking, finish_tracking, start_tracking
 from trainer_client.verifiers import get_verifier
@@ -95,7 +101,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         accelerator.wait_for_everyone()
         set_seed(config.seed)
         tokenizer, model = load_student(config)
-        tokens = StudentTokens(tokenizer, config.max_seq_len, load_processor(config.student))
+        tokens = student_tokens(config, tokenizer)
         data = load_training_rows(config)
         eval_rows = load_eval_rows(config)
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -207,6 +213,11 @@ def _stop_at_step_boundary():
         signal.signal(signal.SIGINT, previous)
 
 
+def student_tokens(config: TrainConfig, tokenizer) -> StudentTokens:
+    """How the student encodes rows: its tokenizer, and its processor for the pixels of rows with media (unless --student-media none)."""
+    return StudentTokens(tokenizer, config.max_seq_len, load_processor(config.student), see_media=config.student_media == "pixels")
+
+
 def load_training_rows(config: TrainConfig) -> Dataset | StreamedRows:
     if config.data_streaming:
         return StreamedRows(config.data, config.columns, config.data_split, config.seed, config.shuffle_buffer)
@@ -261,7 +272,7 @@ def teacher_source(config: TrainConfig, tokenizer, vocab_size: int, self_teacher
             runner.pool = RecordingSource(runner.pool)
         return runner
     cache = TeacherCache(config.teacher_cache)
-    check_cache(cache.manifest, request_settings(config, tokenizer_fingerprint(tokenizer)), vocab_size, config.white_box, cache.directory)
+    check_cache(cache.manifest, request_settings(config, student_fingerprint(config.student, tokenizer)), vocab_size, config.white_box, cache.directory)
     runner = connect_teachers(config, tokenizer, vocab_size) if config.live_teachers else PoolRunner()
     try:
         if runner.pool is not None:
@@ -284,7 +295,7 @@ def connect_teachers(config: TrainConfig, tokenizer, vocab_size: int, self_teach
         ca_file=config.teacher_ca_file,
         timeout=config.teacher_timeout,
         max_wait=config.teacher_max_wait,
-        student_fingerprint=tokenizer_fingerprint(tokenizer),
+        student_fingerprint=student_fingerprint(config.student, tokenizer),
         student_vocab_size=vocab_size,
         require_white_box=config.white_box,
         tokenizer=tokenizer,
@@ -352,7 +363,7 @@ def train_step(model, optimizer, scheduler, accelerator, prefetcher: Prefetcher,
 
 
 def model_pad_id(accelerator, model) -> int:
-    pad = accelerator.unwrap_model(model).config.pad_token_id
+    pad = accelerator.unwrap_model(model).config.get_text_config().pad_token_id
     return pad if pad is not None else 0
 
 

@@ -155,7 +155,6 @@ def test_chat_rows_render_with_the_students_template_and_reach_teachers_as_turns
 
 def test_chat_rows_become_prompt_turns_and_completion(student):
     from trainer_client.data import Row
-    from trainer_client.routing import _teacher_prompt
     from trainer_client.samples import PromptGroup, StudentTokens
     from trainer_client.student_model import load_tokenizer
 
@@ -165,9 +164,9 @@ def test_chat_rows_become_prompt_turns_and_completion(student):
     assert row.completion == "42" and row.prompt_text == "12+30="
     assert tokenizer.decode(tokens.prompt(row.prompt)) == "<|user|>12+30=<|assistant|>"
     # Teachers get the turns (and render them with their own template); text prompts go as the student's ids.
-    assert _teacher_prompt(PromptGroup(row, tokens.prompt(row.prompt))) == [{"role": "user", "content": "12+30="}]
+    assert PromptGroup(row, tokens.prompt(row.prompt)).teacher_prompt() == [{"role": "user", "content": "12+30="}]
     text = Row(prompt="12+30=")
-    assert _teacher_prompt(PromptGroup(text, tokens.prompt(text.prompt))) == tokenizer("12+30=")["input_ids"]
+    assert PromptGroup(text, tokens.prompt(text.prompt)).teacher_prompt() == tokenizer("12+30=")["input_ids"]
     with pytest.raises(ValueError, match="not both"):
         Row.model_validate({"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
 

@@ -2,12 +2,13 @@
 
 Three tasks, each asked with the same words every time, so a model that does not look answers at
 chance (1 in 4):
-- count: 1-4 squares of one colour, each in its own cell of a 4×4 grid; "How many squares?" -> "3".
+- count: 1-4 squares of one colour, each filling its own cell of a 4×4 grid; "How many squares?" -> "3".
 - colour: one square in a random cell; "What colour is the square?" -> "red" | "green" | "blue" | "yellow".
-- motion: a video of 4 frames where a square moves 3 px a frame; "Which way does the square move?"
-  -> "left" | "right" | "up" | "down". The start ranges of opposite directions overlap, so the
-  first frame alone rarely tells the way.
-Images are 28×28 RGB PNGs (bytes): with 7-px patches merged 2×2, an image is 4 tokens, a video 8.
+- motion: a video of 2 frames where a bar across the image moves 3 px (upright for left/right,
+  lying for up/down); "Which way does the bar move?" -> "left" | "right" | "up" | "down". Start
+  positions of opposite directions overlap, so one frame tells the axis at most, never the way.
+Images are 28×28 RGB PNGs (bytes): with 7-px patches merged 2×2, an image is 4 tokens, and so is
+a 2-frame video (Qwen2-VL joins 2 frames into one temporal patch).
 
 Rows are dicts as the trainer reads them: `prompt`, `completion`, `answer`, `task`, and `images`
 (a list of PNG bytes) or `video` (a list of PNG frames). A model sees a row as one user turn of
@@ -39,14 +40,15 @@ from trainer_client.samples import Example, StudentTokens
 from trainer_client.student_loss import collate
 from trainer_client.verifiers import verify_exact
 
-SIZE, CELL, SQUARE = 28, 7, 5  # image side, grid cell (= patch) and square side, in pixels
-MOTION_SQUARE, MOTION_STEP, MOTION_FRAMES = 6, 3, 4
+SIZE, CELL = 28, 7  # image side and grid cell (= patch, = square) side, in pixels
+CELLS = (SIZE // CELL) ** 2
+MOTION_BAR, MOTION_STEP, MOTION_FRAMES = 4, 3, 2  # bar thickness, pixels moved per frame, frames
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 QUESTIONS = {
     "count": "How many squares?",
     "colour": "What colour is the square?",
-    "motion": "Which way does the square move?",
+    "motion": "Which way does the bar move?",
 }
 TASKS = tuple(QUESTIONS)
 CHANCE = 0.25  # every task has four answers, drawn uniformly
@@ -68,43 +70,40 @@ def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _squares_in_cells(cells: list[int], colour: str, rng: random.Random) -> Image.Image:
-    """Squares of `colour` in the given cells of the 4×4 grid, each at a random offset inside its cell."""
+def _squares_in_cells(cells: list[int], colour: str) -> Image.Image:
+    """Squares of `colour` filling the given cells of the 4×4 grid."""
     image, draw = _canvas()
     for cell in cells:
-        x = cell % (SIZE // CELL) * CELL + rng.randrange(CELL - SQUARE + 1)
-        y = cell // (SIZE // CELL) * CELL + rng.randrange(CELL - SQUARE + 1)
-        draw.rectangle([x, y, x + SQUARE - 1, y + SQUARE - 1], fill=COLOURS[colour])
+        x, y = cell % (SIZE // CELL) * CELL, cell // (SIZE // CELL) * CELL
+        draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=COLOURS[colour])
     return image
 
 
 def _count_row(rng: random.Random) -> dict:
     count = rng.randint(1, 4)
-    cells = rng.sample(range((SIZE // CELL) ** 2), count)
-    return {"images": [_png(_squares_in_cells(cells, rng.choice(list(COLOURS)), rng))], "answer": str(count)}
+    cells = rng.sample(range(CELLS), count)
+    return {"images": [_png(_squares_in_cells(cells, rng.choice(list(COLOURS))))], "answer": str(count)}
 
 
 def _colour_row(rng: random.Random) -> dict:
     colour = rng.choice(list(COLOURS))
-    return {"images": [_png(_squares_in_cells([rng.randrange((SIZE // CELL) ** 2)], colour, rng))], "answer": colour}
+    return {"images": [_png(_squares_in_cells([rng.randrange(CELLS)], colour))], "answer": colour}
 
 
 def _motion_row(rng: random.Random) -> dict:
+    """A bar across the image moving `MOTION_STEP` px a frame: upright for left/right, lying for up/down."""
     direction = rng.choice(list(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
+    delta = dx or dy  # -1 or +1 along the axis of motion
     travel = MOTION_STEP * (MOTION_FRAMES - 1)
-    last = SIZE - MOTION_SQUARE  # the largest top-left coordinate that keeps the square inside
-
-    def start(delta: int) -> int:  # a start from which the whole path stays inside the image
-        return rng.randint(max(0, -delta * travel), last - max(0, delta * travel))
-
-    x, y = start(dx), start(dy)
+    start = rng.randint(max(0, -delta * travel), SIZE - MOTION_BAR - max(0, delta * travel))  # the path stays inside
     colour = COLOURS[rng.choice(list(COLOURS))]
     frames = []
     for t in range(MOTION_FRAMES):
         image, draw = _canvas()
-        left, top = x + dx * MOTION_STEP * t, y + dy * MOTION_STEP * t
-        draw.rectangle([left, top, left + MOTION_SQUARE - 1, top + MOTION_SQUARE - 1], fill=colour)
+        at = start + delta * MOTION_STEP * t
+        box = [at, 0, at + MOTION_BAR - 1, SIZE - 1] if dx else [0, at, SIZE - 1, at + MOTION_BAR - 1]
+        draw.rectangle(box, fill=colour)
         frames.append(_png(image))
     return {"video": frames, "answer": direction}
 
