@@ -1,6 +1,6 @@
 """Distillation quality at a fixed student budget: which way of learning from teachers works best.
 
-    python bench/quality.py [--world arith|noisy|specialists|guided|on-policy|self-distill] [--steps 2000] [--seeds 0 1 2]
+    python bench/quality.py [--world arith|noisy|specialists|guided|on-policy|self-distill|vision] [--steps 2000] [--seeds 0 1 2]
                             [--methods NAME ...] [--train-rows 5000] [--output bench-quality]
 
 A world is a set of toy teachers and the rows (methods) compared on it:
@@ -17,6 +17,11 @@ A world is a set of toy teachers and the rows (methods) compared on it:
   and the policy-gradient form), at equal teacher calls (one scored sequence per prompt and step).
 - self-distill: SFT on the references against self-distillation, where an EMA of the student,
   shown the reference answer in its prompt, scores the student's samples (no outside teacher).
+- vision: the toy vision teacher (a tiny Qwen2-VL, `potstill.toy.vision`: count squares, name a
+  colour, tell which way a bar moves in a video) and a smaller vision student, learning from it
+  over the wire with the images and videos in the requests; the same student with
+  `--student-media none` (the teacher still sees the pictures, the student only the words) shows
+  how much of the answer is in the pixels: chance is 25%.
 Builds (or reuses) the world's toy teachers, serves each with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
 steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
@@ -47,10 +52,13 @@ from rich.console import Console
 from rich.table import Table
 
 from potstill.demo import BATCH_SIZE, VERIFIER, default_cache_dir, model_accuracy
-from potstill.toy.arithmetic import JUDGE_NO, JUDGE_RUBRIC, JUDGE_YES, make_rows, write_jsonl
+from potstill.toy import arithmetic, vision
+from potstill.toy.arithmetic import JUDGE_NO, JUDGE_RUBRIC, JUDGE_YES, write_jsonl
 from potstill.toy.world import build_student, build_teacher
 from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
+from trainer_client.data import Row
+from trainer_client.media import teacher_messages
 from trainer_client.pool import TeacherPool
 from trainer_client.report import METHOD_STAT_PREFIXES, read_metrics
 from trainer_client.trainer import train
@@ -72,6 +80,7 @@ class World:
     judge: str | None = None
     tasks: bool = False
     reference: str = "arith"  # whose accuracy the recovered share is measured against
+    vision: bool = False  # the toy vision world's teacher, student and rows (images and videos) instead of arithmetic's
 
 
 WORLDS: dict[str, World] = {
@@ -122,7 +131,17 @@ WORLDS: dict[str, World] = {
             "method": "self-distill", "use": ["ema"], "privileged_template": "{prompt}{reference}\n{prompt}", "loss": "forward_kl",
             "student_samples": 1, "teacher_push_interval": 10},
     }),
+    "vision": World({"vision": ("vision-teacher", "")}, {
+        "no distillation": None,
+        "sft on ground truth": {"method": "sft"},
+        "seq-kd, 1 sample": SEQ_KD,
+        "logit-kd forward KL": {"method": "logit-kd", "loss": "forward_kl"},
+        "text-only student (no pixels), logit-kd": {"method": "logit-kd", "loss": "forward_kl", "student_media": "none"},
+    }, reference="vision", vision=True),
 }
+# A vision world's batches: its teacher learnt in batches of 32 (an image is 16 patches, a prompt ~20 tokens).
+VISION_BATCH_SIZE, VISION_LR = 32, 1e-3
+
 CHECKPOINTS = 4  # accuracy is measured every steps / CHECKPOINTS
 
 
@@ -139,14 +158,51 @@ class Bench:
     methods: dict[str, dict | None]
     student_cache: Path
     output: Path
+    vision: bool = False
+
+
+def toy_student(bench: Bench, seed: int) -> Path:
+    cache = bench.student_cache / f"seed-{seed}"
+    return vision.build_vision_student(cache, seed=seed) if bench.vision else build_student(cache, seed=seed)
+
+
+def toy_accuracy(model_dir: Path, rows: list[dict], is_vision: bool) -> float:
+    """Greedy held-out accuracy of a toy model, with the trainer's evaluation."""
+    return vision.accuracy(*vision.load(model_dir), rows) if is_vision else model_accuracy(model_dir, rows)
+
+
+def world_rows(world: World, count: int, split: str) -> list[dict]:
+    if world.vision:
+        return vision.make_rows(count, seed=0, split=split)
+    return _with_tasks(arithmetic.make_rows(count, seed=0, split=split), world.tasks)
+
+
+def write_rows(world: World, rows: list[dict], stem: Path) -> Path:
+    """The rows as the trainer reads them: Parquet with the media bytes for a vision world, else JSONL."""
+    return vision.write_parquet(rows, stem.with_suffix(".parquet")) if world.vision else write_jsonl(rows, stem.with_suffix(".jsonl"))
+
+
+def build_teachers(world: World, cache_dir: Path, overrides: dict) -> dict[str, Path]:
+    """Each toy teacher (and judge) of the world, built or reused, by its toy name."""
+    if world.vision:
+        return {"vision-teacher": vision.build_vision_teacher(cache_dir, **overrides)}
+    toy_names = {toy for toy, _ in world.teachers.values()} | ({world.judge} if world.judge else set())
+    return {toy: build_teacher(toy, cache_dir, **overrides) for toy in sorted(toy_names)}
+
+
+def run_settings(is_vision: bool) -> dict:
+    """What differs between the worlds' runs: batch, learning rate, verifier."""
+    if is_vision:
+        return {"batch_size": VISION_BATCH_SIZE, "lr": VISION_LR, "verifier": "exact"}
+    return {"batch_size": BATCH_SIZE, "lr": 1.5e-3, "verifier": VERIFIER}
 
 
 def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
     """Held-out accuracy by step for one method and seed; the untrained student is flat at its step-0 value."""
     settings = bench.methods[method]
-    student = build_student(bench.student_cache / f"seed-{seed}", seed=seed)
+    student = toy_student(bench, seed)
     if settings is None:
-        untrained = model_accuracy(student, bench.eval_rows)
+        untrained = toy_accuracy(student, bench.eval_rows, bench.vision)
         return {step: untrained for step in (0, *checkpoint_steps(bench.steps))}
     run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
     if not _finished(run_dir, bench.steps):
@@ -157,10 +213,10 @@ def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
             settings.update(judges=[bench.judge_url], judge_rubrics={"correctness": JUDGE_RUBRIC}, judge_yes=JUDGE_YES, judge_no=JUDGE_NO)
         config = TrainConfig(
             student=str(student), teachers=teachers, data=str(bench.train_data), eval_data=str(bench.eval_data),
-            output=str(run_dir), steps=bench.steps, batch_size=BATCH_SIZE, lr=1.5e-3, warmup_steps=min(50, bench.steps // 10),
+            output=str(run_dir), steps=bench.steps, warmup_steps=min(50, bench.steps // 10),
             seed=seed, max_new_tokens=6, log_every=max(1, bench.steps // 10), save_every=10**9,
-            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), verifier=VERIFIER, eval_max_new_tokens=6,
-            overwrite=True, **settings,  # an unfinished earlier attempt is run again from the start
+            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), eval_max_new_tokens=6,
+            overwrite=True, **run_settings(bench.vision), **settings,  # an unfinished earlier attempt is run again from the start
         )
         train(config, progress=False)
     return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}
@@ -180,11 +236,14 @@ def method_statistics(bench: Bench, method: str, seed: int) -> dict[str, float]:
 def teacher_confidence(teacher_url: str, eval_rows: list[dict]) -> tuple[float, float]:
     """At the held-out answers' tokens: the teacher's mean probability on its most likely token,
     and the share of positions where that probability exceeds 0.99 (how little its top-k adds to
-    its argmax)."""
+    its argmax). A row with media is asked as the trainer asks it (chat turns carrying the pictures)."""
+
+    def prompt(row: dict):
+        return teacher_messages(Row(**row)) if row.get("images") or row.get("video") else row["prompt"]
 
     async def top1_logprobs() -> np.ndarray:
         async with await TeacherPool.connect([teacher_url]) as pool:
-            request = {"sequences": [{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows], "top_logprobs": 1}
+            request = {"sequences": [{"prompt": prompt(r), "completion": r["completion"]} for r in eval_rows], "top_logprobs": 1}
             answer = await pool.score(pool.groups()[0].name, request)
         return np.concatenate([result.top_logprobs[:, 0] for result in answer.results])
 
@@ -246,22 +305,23 @@ def main() -> None:
         parser.error(f"--steps must be at least {CHECKPOINTS}")
 
     overrides = {"steps": args.teacher_steps} if args.teacher_steps else {}
-    toy_names = {toy for toy, _ in world.teachers.values()} | ({world.judge} if world.judge else set())
-    built = {toy: build_teacher(toy, args.cache_dir, **overrides) for toy in sorted(toy_names)}
-    eval_rows = _with_tasks(make_rows(args.eval_rows, seed=0, split="eval"), world.tasks)
-    accuracies = {name: model_accuracy(built[toy], eval_rows) for name, (toy, _) in world.teachers.items()}
+    built = build_teachers(world, args.cache_dir, overrides)
+    eval_rows = world_rows(world, args.eval_rows, "eval")
+    accuracies = {name: toy_accuracy(built[toy], eval_rows, world.vision) for name, (toy, _) in world.teachers.items()}
+    # A vision teacher takes a whole batch's pictures in one request (its default allows 8 images).
+    serve_options = ("--max-images", "100000", "--max-videos", "100000") if world.vision else ()
     results: dict[str, list[dict[int, float]]] = {}
     stats: dict[str, list[dict[str, float]]] = {}
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        served = {toy: stack.enter_context(TeacherProcess(str(path), threads=1)) for toy, path in built.items()}
+        served = {toy: stack.enter_context(TeacherProcess(str(path), *serve_options, threads=1)) for toy, path in built.items()}
         bench = Bench(
-            steps=args.steps, train_data=write_jsonl(_with_tasks(make_rows(args.train_rows, seed=0), world.tasks), args.output / "train.jsonl"),
-            eval_data=write_jsonl(eval_rows, args.output / "eval.jsonl"), eval_rows=eval_rows,
+            steps=args.steps, train_data=write_rows(world, world_rows(world, args.train_rows, "train"), args.output / "train"),
+            eval_data=write_rows(world, eval_rows, args.output / "eval"), eval_rows=eval_rows,
             teacher_urls={name: f"{served[toy].grpc_url}#name={name}" + (f"&tags={tags}" if tags else "")
                           for name, (toy, tags) in world.teachers.items()},
             judge_url=served[world.judge].grpc_url if world.judge else None, methods=world.methods,
-            student_cache=args.cache_dir / "bench-students", output=args.output,
+            student_cache=args.cache_dir / "bench-students", output=args.output, vision=world.vision,
         )
         top1_mean, top1_sure = teacher_confidence(served[world.teachers[world.reference][0]].grpc_url, eval_rows)
         for name in methods:
@@ -277,8 +337,9 @@ def main() -> None:
         for row, name in zip(rows, methods)
     ]
     teachers_text = ", ".join(f"{name} {accuracy:.1%}" for name, accuracy in accuracies.items())
-    title = (f"World '{args.world}'. Held-out accuracy ({args.eval_rows} problems, verifier: {VERIFIER}) after {args.steps} steps x "
-             f"{BATCH_SIZE} prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
+    run = run_settings(world.vision)
+    title = (f"World '{args.world}'. Held-out accuracy ({args.eval_rows} problems, verifier: {run['verifier']}) after {args.steps} steps x "
+             f"{run['batch_size']} prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
              f"teachers (greedy): {teachers_text}; {world.reference}'s mean top-1 probability at answer tokens {top1_mean:.3f} "
              f"(> 0.99 at {top1_sure:.1%} of them)")
     table = Table(*header, title=title)

@@ -192,7 +192,7 @@ async def attach_teacher_distributions(
             prompt, target = group.fit(tokens, candidate.target_ids)
             if candidate.teacher_prompt_ids is not None:  # the target is already cut to fit: only this prompt's start goes
                 prompt, _ = tokens.fit(candidate.teacher_prompt_ids, target)
-            elif group.media is not None:  # the media travel as parts of the chat turns, which the teacher renders
+            elif group.row.has_media:  # the media travel as parts of the chat turns, which the teacher renders (whatever the student sees)
                 prompt = group.teacher_prompt()
             for name in names:
                 wanted[name].append((candidate, prompt, target))

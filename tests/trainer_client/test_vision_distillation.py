@@ -1,0 +1,84 @@
+"""A vision student learning from a served vision teacher, end to end: Parquet rows with images and
+videos, the teacher reached over gRPC and HTTP with the pictures in its requests."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from potstill.toy import vision
+from teacher_service.testing import TeacherProcess
+from trainer_client.config import TrainConfig
+from trainer_client.report import read_metrics
+from trainer_client.trainer import train
+
+QUICK_TEACHER = {"steps": 40, "train_rows": 64, "hidden_size": 32, "heads": 2, "vision_width": 32, "vision_depth": 1}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, toy_cache_dir):
+    """A briefly trained vision teacher served on loopback, and Parquet train / eval rows."""
+    root = tmp_path_factory.mktemp("vision-world")
+    teacher = vision.build_vision_teacher(toy_cache_dir / "quick", **QUICK_TEACHER)
+    data = vision.write_parquet(vision.make_rows(24, seed=0), root / "train.parquet")
+    eval_data = vision.write_parquet(vision.make_rows(12, seed=0, split="eval"), root / "eval.parquet")
+    with TeacherProcess(str(teacher), "--max-images", "64", "--max-videos", "64", threads=1) as served:
+        yield {"teacher": str(teacher), "served": served, "data": str(data), "eval_data": str(eval_data), "root": root}
+
+
+def _run(world, name: str, **settings) -> dict:
+    config = TrainConfig(
+        student=settings.pop("student", world["teacher"]), data=world["data"], eval_data=world["eval_data"],
+        output=str(world["root"] / name), steps=2, batch_size=6, eval_every=2, max_new_tokens=4, eval_max_new_tokens=4,
+        save_every=10**9, lr=1e-4, **{"verifier": "exact", **settings},
+    )
+    result = train(config, progress=False)
+    traffic = json.loads((result.output / "teacher_traffic.json").read_text()) if config.teachers else {}
+    return {"eval": result.final_eval, "traffic": traffic, "metrics": read_metrics(result.output)}
+
+
+def test_the_teacher_as_its_own_student_has_no_kl_only_when_it_sees_the_pixels(world):
+    """White-box alignment with pixels: the student's logits at the completion positions, computed
+    from its own processor's pixels, are the served teacher's (KL ~ 0 at step 0, the same model);
+    the same model without the pictures is far from them."""
+    served = world["served"]
+    sees = _run(world, "self-pixels", method="logit-kd", teachers=[served.grpc_url], verifier=None)
+    blind = _run(world, "self-blind", method="logit-kd", teachers=[served.http_url], student_media="none", verifier=None)
+    assert sees["metrics"][0]["step"] == 0 and sees["metrics"][0]["eval/kl"] < 1e-6
+    assert blind["metrics"][0]["eval/kl"] > 1e-4
+
+
+def test_every_method_trains_a_smaller_vision_student_from_multimodal_rows(world, toy_cache_dir):
+    student = str(vision.build_vision_student(toy_cache_dir / "quick"))
+    served = world["served"]
+    for method, settings in {"sft": {}, "seq-kd": {"samples_per_prompt": 2}, "logit-kd": {}}.items():
+        run = _run(world, f"student-{method}", student=student, method=method,
+                   teachers=[] if method == "sft" else [served.grpc_url], **settings)
+        losses = [m["loss"] for m in run["metrics"] if "loss" in m]
+        assert losses and all(loss > 0 for loss in losses), method
+        if method == "seq-kd":  # two samples per prompt in one request per step: the pictures go once, not once per sample
+            assert run["traffic"][served.grpc_url]["requests"] == 2
+    assert (world["root"] / "student-logit-kd" / "final" / "processor_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("POTSTILL_SLOW_TESTS"), reason="set POTSTILL_SLOW_TESTS=1 (minutes on 2 cores)")
+def test_a_distilled_vision_student_recovers_the_teacher_and_a_blind_one_does_not(tmp_path, toy_cache_dir):
+    """The figure of `bench/quality.py --world vision`: the student distilled through the served
+    teacher reaches >= 90% of its accuracy; the same student without the pictures stays near chance."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+    subprocess.run([sys.executable, str(bench), "--world", "vision", "--steps", "600", "--seeds", "0", "--eval-rows", "120",
+                    "--methods", "logit-kd forward KL", "text-only student (no pixels), logit-kd",
+                    "--output", str(tmp_path / "out"), "--cache-dir", str(toy_cache_dir)], check=True, timeout=3600)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    teacher = results["teacher_accuracy"]
+    curves = results["accuracy_by_step"]
+    assert teacher > 0.8
+    assert curves["logit-kd forward KL"][0]["600"] >= 0.9 * teacher
+    assert curves["text-only student (no pixels), logit-kd"][0]["600"] <= vision.CHANCE + 0.15
