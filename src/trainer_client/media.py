@@ -82,6 +82,59 @@ def teacher_messages(row: Row) -> list[dict]:
     return media_messages(row, parts)
 
 
+# --- requests: each picture once ---
+
+SHARED_PREFIX = "media:"  # a part's URL naming entry i of its request's `media` list (teacher_service.media)
+
+
+def _parts(prompt) -> list[dict]:
+    """The content parts of a chat prompt's turns (none for text or token ids)."""
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], dict):
+        return []
+    return [part for turn in prompt if isinstance(turn.get("content"), list) for part in turn["content"]]
+
+
+def pictures(prompt) -> tuple[set[str], set[str]]:
+    """The distinct images and videos a prompt shows, by their URLs (a video: its frames' URLs joined)."""
+    images = {part["image_url"]["url"] for part in _parts(prompt) if part.get("type") == "image_url"}
+    videos = {" ".join(part["video_url"].get("frames") or [part["video_url"].get("url")])
+              for part in _parts(prompt) if part.get("type") == "video_url"}
+    return images, videos
+
+
+def share_media(request: dict, items_key: str) -> dict:
+    """The request with each distinct data: URL of its prompts' pictures sent once: listed in the
+    request's `media` and named `media:i` by every part that shows it (the samples of one prompt,
+    the candidates scored after it), as teachers take it. `items_key`: "sequences" (score: each
+    item's `prompt`) or "prompts" (generate)."""
+    shared: dict[str, int] = {}
+
+    def name(url: str) -> str:
+        return f"{SHARED_PREFIX}{shared.setdefault(url, len(shared))}" if url.startswith("data:") else url
+
+    def named(prompt):
+        if not _parts(prompt):
+            return prompt
+        return [{**turn, "content": [_named_part(part, name) for part in turn["content"]]} if isinstance(turn.get("content"), list)
+                else turn for turn in prompt]
+
+    if items_key == "sequences":
+        items = [{**item, "prompt": named(item["prompt"])} for item in request["sequences"]]
+    else:
+        items = [named(prompt) for prompt in request["prompts"]]
+    return {**request, items_key: items, "media": list(shared)} if shared else request
+
+
+def _named_part(part: dict, name) -> dict:
+    if part.get("type") == "image_url":
+        return {**part, "image_url": {**part["image_url"], "url": name(part["image_url"]["url"])}}
+    if part.get("type") == "video_url":
+        video = part["video_url"]
+        source = {"frames": [name(url) for url in video["frames"]]} if video.get("frames") else {"url": name(video["url"])}
+        return {**part, "video_url": {**video, **source}}
+    return part
+
+
 @dataclass
 class MediaInputs:
     """One prompt's pixel tensors, as its processor names them (`pixel_values` [patches, D],

@@ -33,7 +33,10 @@ replica, which stays out of service until its model info reports the pinned vers
 request is retried elsewhere or waits for it (and after `max_wait` fails, naming both versions).
 A request's answer is always whole: the pool returns the full answer or raises, so a training
 step is never lost half-way nor counted twice. A batch larger than the teacher's `max_batch`
-goes as several requests (spread over the replicas like any others), answered in order.
+goes as several requests (spread over the replicas like any others), answered in order; so does one
+holding more distinct images or videos than the teacher's `max_images` / `max_videos`, and to a
+vision teacher every distinct picture travels once per request (the request's `media` list, named
+`media:i` by the parts that show it: the samples of one prompt, the candidates scored after it).
 
 `PoolRunner` runs a pool in a background thread for synchronous code.
 """
@@ -55,6 +58,7 @@ from urllib.parse import parse_qsl, urldefrag, urlsplit
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from teacher_service.protocol import GenerateResponse, ModelInfo, ScoreResponse
+from trainer_client.media import pictures, share_media
 from trainer_client.teachers import (
     CLIENTS,
     TeacherClient,
@@ -378,12 +382,15 @@ class TeacherPool:
         return GenerateResponse(await self._split_by_max_batch(group_name, "generate", request, "prompts"))
 
     async def _split_by_max_batch(self, group_name: str, method: str, request: dict, items_key: str) -> list:
-        """The results of `request`, sent as requests of at most the teacher's `max_batch` items, concurrently."""
-        limit = self.group(group_name).info.max_batch
-        items = request[items_key]
-        if not limit or len(items) <= limit:
-            return (await self._request(group_name, method, request)).results
-        parts = [{**request, items_key: items[start : start + limit]} for start in range(0, len(items), limit)]
+        """The results of `request`, sent concurrently as requests within the teacher's limits: at most
+        `max_batch` items, `max_images` distinct images and `max_videos` distinct videos each; to a
+        vision teacher, each distinct picture goes once per request (`share_media`)."""
+        info = self.group(group_name).info
+        parts = [{**request, items_key: chunk} for chunk in _within_limits(request[items_key], items_key, info)]
+        if info.accepts_media:
+            parts = [share_media(part, items_key) for part in parts]
+        if len(parts) == 1:
+            return (await self._request(group_name, method, parts[0])).results
         answers = await asyncio.gather(*(self._request(group_name, method, part) for part in parts))
         return [result for answer in answers for result in answer.results]
 
@@ -528,6 +535,29 @@ async def _model_infos(specs: list[TeacherSpec], clients: list[TeacherClient]) -
         details = "; ".join(f"{spec.url} ({error.message})" for spec, error in failed)
         raise kind(f"{len(failed)} of {len(specs)} teacher endpoint(s) did not answer at start: {details}", url=failed[0][0].url)
     return list(answers)
+
+
+def _within_limits(items: list, items_key: str, info: ModelInfo) -> list[list]:
+    """The items in consecutive runs within the teacher's limits (0: none): `max_batch` items,
+    `max_images` distinct images, `max_videos` distinct videos (a picture shown twice counts once,
+    as teachers count it). An item beyond a limit on its own goes alone, for the teacher to refuse."""
+    runs: list[list] = [[]]
+    images: set[str] = set()
+    videos: set[str] = set()
+    for item in items:
+        shown_images, shown_videos = pictures(item["prompt"] if items_key == "sequences" else item)
+        full = (
+            (info.max_batch and len(runs[-1]) >= info.max_batch)
+            or (info.max_images and len(images | shown_images) > info.max_images)
+            or (info.max_videos and len(videos | shown_videos) > info.max_videos)
+        )
+        if full and runs[-1]:
+            runs.append([])
+            images, videos = set(), set()
+        runs[-1].append(item)
+        images |= shown_images
+        videos |= shown_videos
+    return runs
 
 
 # --- a synchronous facade ---

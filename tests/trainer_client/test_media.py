@@ -13,7 +13,7 @@ from PIL import Image
 from potstill.toy import vision, vlm
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row, load_rows
-from trainer_client.media import decode_picture, teacher_messages
+from trainer_client.media import decode_picture, share_media, teacher_messages
 from trainer_client.samples import Candidate, StudentTokens
 from trainer_client.student_loss import collate, weighted_loss_sum
 from trainer_client.student_model import load_model, load_processor, load_tokenizer
@@ -113,3 +113,38 @@ def test_pictures_decode_to_what_was_drawn(rows):
     image = Image.open(io.BytesIO(rows[1].images[0])).convert("RGB")
     colours = {tuple(int(c) for c in pixel) for pixel in np.asarray(image).reshape(-1, 3)}
     assert colours == {(255, 255, 255), vision.COLOURS[rows[1].answer]}
+
+
+def test_a_request_sends_each_picture_once(rows):
+    image_row, _, video_row = rows
+    image_turns, video_turns = teacher_messages(image_row), teacher_messages(video_row)
+    request = {"sequences": [{"prompt": image_turns, "completion": c} for c in ("1", "2")]
+               + [{"prompt": video_turns, "completion": "up"}, {"prompt": [1, 2], "completion": "x"}], "top_logprobs": 3}
+    shared = share_media(request, "sequences")
+    image_url = image_turns[0]["content"][0]["image_url"]["url"]
+    frames = video_turns[0]["content"][0]["video_url"]["frames"]
+    assert shared["media"] == [image_url, *frames] and shared["top_logprobs"] == 3
+    assert [s["prompt"][0]["content"][0] for s in shared["sequences"][:3]] == [
+        {"type": "image_url", "image_url": {"url": "media:0"}}, {"type": "image_url", "image_url": {"url": "media:0"}},
+        {"type": "video_url", "video_url": {"frames": ["media:1", "media:2"]}}]
+    assert shared["sequences"][3] == request["sequences"][3] and request["sequences"][0]["prompt"] == image_turns  # no change in place
+    generate = share_media({"prompts": [image_turns, image_turns, "text"], "n": 2}, "prompts")
+    assert generate["media"] == [image_url] and generate["prompts"][2] == "text"
+    assert share_media({"prompts": ["text"]}, "prompts") == {"prompts": ["text"]}
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///data/a.png"}}]}]
+    assert share_media({"prompts": [local]}, "prompts") == {"prompts": [local]}  # only data: URLs move
+
+
+def test_requests_are_split_within_the_teachers_media_limits(rows):
+    from teacher_service.protocol import ModelInfo
+    from trainer_client.pool import _within_limits
+
+    info = ModelInfo(model="m", backend="hf", vocab_size=1, max_model_len=8, max_top_logprobs=1, max_samples=1, max_new_tokens=1,
+                     tokenizer_fingerprint="", eos_token_id=0, max_batch=0, accepts_media=True, max_images=2, max_videos=1)
+    count_a, colour, motion = (teacher_messages(row) for row in rows)
+    count_b = teacher_messages(Row(**vision.make_rows(4, seed=9)[3]))  # another count image
+    prompts = [count_a, count_a, colour, count_b, motion, motion, "text"]
+    runs = _within_limits(prompts, "prompts", info)
+    assert runs == [[count_a, count_a, colour], [count_b, motion, motion, "text"]]  # the same picture twice counts once
+    assert _within_limits(prompts, "prompts", info.model_copy(update={"max_images": 0, "max_videos": 0, "max_batch": 3})) == [
+        prompts[:3], prompts[3:6], prompts[6:]]

@@ -19,12 +19,13 @@ QUICK_TEACHER = {"steps": 40, "train_rows": 64, "hidden_size": 32, "heads": 2, "
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, toy_cache_dir):
-    """A briefly trained vision teacher served on loopback, and Parquet train / eval rows."""
+    """A briefly trained vision teacher served on loopback with its default limits (8 images and 2
+    videos per request), and Parquet train / eval rows (a third of them videos)."""
     root = tmp_path_factory.mktemp("vision-world")
     teacher = vision.build_vision_teacher(toy_cache_dir / "quick", **QUICK_TEACHER)
     data = vision.write_parquet(vision.make_rows(24, seed=0), root / "train.parquet")
     eval_data = vision.write_parquet(vision.make_rows(12, seed=0, split="eval"), root / "eval.parquet")
-    with TeacherProcess(str(teacher), "--max-images", "64", "--max-videos", "64", threads=1) as served:
+    with TeacherProcess(str(teacher), threads=1) as served:
         yield {"teacher": str(teacher), "served": served, "data": str(data), "eval_data": str(eval_data), "root": root}
 
 
@@ -53,13 +54,19 @@ def test_the_teacher_as_its_own_student_has_no_kl_only_when_it_sees_the_pixels(w
 def test_every_method_trains_a_smaller_vision_student_from_multimodal_rows(world, toy_cache_dir):
     student = str(vision.build_vision_student(toy_cache_dir / "quick"))
     served = world["served"]
-    for method, settings in {"sft": {}, "seq-kd": {"samples_per_prompt": 2}, "logit-kd": {}}.items():
-        run = _run(world, f"student-{method}", student=student, method=method,
-                   teachers=[] if method == "sft" else [served.grpc_url], **settings)
+    runs = {"sft": {"method": "sft"}, "seq-kd": {"method": "seq-kd", "samples_per_prompt": 2},
+            "logit-kd": {"method": "logit-kd"}, "logit-kd-samples": {"method": "logit-kd", "kd_targets": "teacher", "samples_per_prompt": 2}}
+    traffic = {}
+    for name, settings in runs.items():
+        run = _run(world, f"student-{name}", student=student, teachers=[] if name == "sft" else [served.grpc_url], **settings)
         losses = [m["loss"] for m in run["metrics"] if "loss" in m]
-        assert losses and all(loss > 0 for loss in losses), method
-        if method == "seq-kd":  # two samples per prompt in one request per step: the pictures go once, not once per sample
-            assert run["traffic"][served.grpc_url]["requests"] == 2
+        assert losses and all(loss > 0 for loss in losses), name
+        traffic[name] = run["traffic"].get(served.grpc_url, {"requests": 0, "refused": 0, "failures": 0})
+    # Batches of 6 rows (up to 6 videos), their samples and candidates, and the 12 held-out rows
+    # (4 videos) all reach a teacher that takes 2 videos per request: split within its limits, never refused.
+    assert traffic["sft"]["requests"] == 0
+    for name in ("seq-kd", "logit-kd", "logit-kd-samples"):
+        assert traffic[name]["requests"] >= 2 and traffic[name]["refused"] == traffic[name]["failures"] == 0, (name, traffic[name])
     assert (world["root"] / "student-logit-kd" / "final" / "processor_config.json").is_file()
 
 
