@@ -133,16 +133,10 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {key: [row.get(key) for row in rows] for key in ("prompt", "completion", "answer", "task", "images", "video")}
-    pq.write_table(pa.table(columns, schema=_parquet_schema()), path)
+    schema = pa.schema([*((name, pa.string()) for name in ("prompt", "completion", "answer", "task")),
+                        *((name, pa.list_(pa.binary())) for name in ("images", "video"))])
+    pq.write_table(pa.table({name: [row.get(name) for row in rows] for name in schema.names}, schema=schema), path)
     return path
-
-
-def _parquet_schema():
-    import pyarrow as pa
-
-    return pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("answer", pa.string()), ("task", pa.string()),
-                      ("images", pa.list_(pa.binary())), ("video", pa.list_(pa.binary()))])
 
 
 # --- what a model sees ---
