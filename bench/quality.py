@@ -1,6 +1,6 @@
 """Distillation quality at a fixed student budget: which way of learning from teachers works best.
 
-    python bench/quality.py [--world arith|noisy|specialists|guided|on-policy|self-distill|vision] [--steps 2000] [--seeds 0 1 2]
+    python bench/quality.py [--world arith|noisy|specialists|guided|on-policy|self-distill|vision|rl] [--steps 2000] [--seeds 0 1 2]
                             [--methods NAME ...] [--train-rows 5000] [--output bench-quality]
 
 A world is a set of toy teachers and the rows (methods) compared on it:
@@ -22,6 +22,13 @@ A world is a set of toy teachers and the rows (methods) compared on it:
   over the wire with the images and videos in the requests; the same student with
   `--student-media none` (the teacher still sees the pictures, the student only the words) shows
   how much of the answer is in the pixels: chance is 25%.
+- rl: no teacher; the student is first trained on ground truth for `warm_start` steps (seed 0's
+  student, once, shared by every seed: so some of its samples pass), then learns from its own
+  rollouts: plain GRPO against VISD (the same rollouts, 4 per prompt; an EMA self-teacher shown a
+  rule judge's feedback sets each token's magnitude). Reported besides accuracy: the steps each
+  run takes until its rollouts' pass rate (the verifier's reward on fresh training prompts,
+  averaged per log line of 10 steps) first reaches `target`, per seed, and that pass rate over the
+  last 50 steps.
 Builds (or reuses) the world's toy teachers, serves each with one `potstill serve` process, and
 trains the same student from the same initialisation with each method for the same number of
 steps on the same prompts (batch 128, as the demo). Reports held-out accuracy (greedy, verified,
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import statistics
@@ -48,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -81,6 +90,14 @@ class World:
     tasks: bool = False
     reference: str = "arith"  # whose accuracy the recovered share is measured against
     vision: bool = False  # the toy vision world's teacher, student and rows (images and videos) instead of arithmetic's
+    warm_start: int = 0  # steps of sft on ground truth (seed 0) before each method (rl), shared by every method and seed
+    target: float | None = None  # rl: the rollouts' pass rate whose first step is reported
+
+
+# Rollouts per step: 32 prompts x 4 samples; lr 1e-4 (3e-4 and above knock the warm student's greedy
+# accuracy down by half within 20 steps, for grpo and for sft continued at batch 32 alike).
+RL = {"batch_size": 32, "student_samples": 4, "student_temperature": 1.0, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
+      "log_every": 10}
 
 
 WORLDS: dict[str, World] = {
@@ -138,6 +155,11 @@ WORLDS: dict[str, World] = {
         "logit-kd forward KL": {"method": "logit-kd", "loss": "forward_kl"},
         "text-only student (no pixels), logit-kd": {"method": "logit-kd", "loss": "forward_kl", "student_media": "none"},
     }, reference="vision", vision=True),
+    "rl": World({}, {
+        "grpo": {**RL, "method": "grpo"},
+        "visd (ema teacher, rule-judge feedback)": {**RL, "method": "visd", "use": ["ema"], "ema_decay": 0.99,
+                                                    "teacher_push_interval": 10},
+    }, warm_start=600, target=0.5),
 }
 # A vision world's batches: its teacher learnt in batches of 32 (an image is 16 patches, a prompt ~20 tokens).
 VISION_BATCH_SIZE, VISION_LR = 32, 1e-3
@@ -159,6 +181,7 @@ class Bench:
     student_cache: Path
     output: Path
     vision: bool = False
+    warm_start: int = 0
 
 
 def toy_student(bench: Bench, seed: int) -> Path:
@@ -200,32 +223,62 @@ def run_settings(is_vision: bool) -> dict:
 def accuracy_curve(bench: Bench, method: str, seed: int) -> dict[int, float]:
     """Held-out accuracy by step for one method and seed; the untrained student is flat at its step-0 value."""
     settings = bench.methods[method]
-    student = toy_student(bench, seed)
+    student = warm_student(bench) if bench.warm_start else toy_student(bench, seed)
     if settings is None:
         untrained = toy_accuracy(student, bench.eval_rows, bench.vision)
         return {step: untrained for step in (0, *checkpoint_steps(bench.steps))}
-    run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
+    run_dir = run_directory(bench, method, seed)
     if not _finished(run_dir, bench.steps):
         settings = dict(settings)
         # A name the world does not serve is passed on as it is: a self-teacher (ema, self, lagged).
         teachers = [bench.teacher_urls.get(name, name) for name in settings.pop("use", bench.teacher_urls)]
         if settings.get("select") == "judge":  # the toy judge, asked exactly as it was trained
             settings.update(judges=[bench.judge_url], judge_rubrics={"correctness": JUDGE_RUBRIC}, judge_yes=JUDGE_YES, judge_no=JUDGE_NO)
-        config = TrainConfig(
-            student=str(student), teachers=teachers, data=str(bench.train_data), eval_data=str(bench.eval_data),
-            output=str(run_dir), steps=bench.steps, warmup_steps=min(50, bench.steps // 10),
-            seed=seed, max_new_tokens=6, log_every=max(1, bench.steps // 10), save_every=10**9,
-            eval_every=bench.steps // CHECKPOINTS, eval_rows=len(bench.eval_rows), eval_max_new_tokens=6,
-            overwrite=True, **run_settings(bench.vision), **settings,  # an unfinished earlier attempt is run again from the start
-        )
-        train(config, progress=False)
+        train_run(bench, student, run_dir, seed, {"teachers": teachers, **settings})
     return {m["step"]: m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m}
+
+
+def train_run(bench: Bench, student: Path, run_dir: Path, seed: int, settings: dict) -> None:
+    """One training run of the bench's budget on its data (the world's batch and learning rate unless `settings` say otherwise)."""
+    config = TrainConfig(**{
+        "student": str(student), "data": str(bench.train_data), "eval_data": str(bench.eval_data),
+        "output": str(run_dir), "steps": bench.steps, "warmup_steps": min(50, bench.steps // 10),
+        "seed": seed, "max_new_tokens": 6, "log_every": max(1, bench.steps // 10), "save_every": 10**9,
+        "eval_every": bench.steps // CHECKPOINTS, "eval_rows": len(bench.eval_rows), "eval_max_new_tokens": 6,
+        "overwrite": True, **run_settings(bench.vision), **settings,  # an unfinished earlier attempt is run again from the start
+    })
+    train(config, progress=False)
+
+
+def warm_student(bench: Bench, seed: int = 0) -> Path:
+    """The student of `seed` after `warm_start` steps of sft on ground truth (trained once, then read back).
+    The rl world starts every seed's runs from seed 0's: the seeds differ in the rl phase (its data
+    order and samples), and one warm start is all a shared 2-core machine affords."""
+    run_dir = bench.output / f"warm-start-{bench.warm_start}-seed{seed}"
+    if not _finished(run_dir, bench.warm_start):
+        train_run(dataclasses.replace(bench, steps=bench.warm_start), toy_student(bench, seed), run_dir, seed, {"method": "sft", "teachers": []})
+    return run_dir / "final"
+
+
+def run_directory(bench: Bench, method: str, seed: int) -> Path:
+    return bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
+
+
+def steps_to_pass_rate(bench: Bench, method: str, seed: int, target: float) -> int | None:
+    """The first logged step whose rollouts' pass rate (`rl/reward`) reaches `target` (None: never)."""
+    return next((m["step"] for m in read_metrics(run_directory(bench, method, seed)) if m.get("rl/reward", -1.0) >= target), None)
+
+
+def late_pass_rate(bench: Bench, method: str, seed: int, last: int = 50) -> float:
+    """The rollouts' mean pass rate over the run's last `last` steps."""
+    rates = [m["rl/reward"] for m in read_metrics(run_directory(bench, method, seed)) if "rl/reward" in m and m["step"] > bench.steps - last]
+    return statistics.mean(rates)
 
 
 def method_statistics(bench: Bench, method: str, seed: int) -> dict[str, float]:
     """A run's method statistics (routing shares, acceptance, calls saved...) averaged over its log lines,
     and the requests it sent its teachers (`teacher/requests`, from teacher_traffic.json)."""
-    run_dir = bench.output / f"{re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')}-seed{seed}"
+    run_dir = run_directory(bench, method, seed)
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     keys = sorted({k for m in records for k in m if k.startswith(METHOD_STAT_PREFIXES)})
     traffic = run_dir / "teacher_traffic.json"
@@ -295,8 +348,12 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("bench-quality"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--teacher-steps", type=int, help="teacher training steps (default: the toy teachers' own)")
+    parser.add_argument("--warm-start", type=int, help="sft steps before the rl world's methods (default: the world's, 600)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the machine is shared: one core's worth per benchmark process
     world = WORLDS[args.world]
+    if args.warm_start is not None:
+        world = dataclasses.replace(world, warm_start=args.warm_start)
     methods = args.methods or list(world.methods)
     unknown = [name for name in methods if name not in world.methods]
     if unknown:
@@ -321,27 +378,38 @@ def main() -> None:
             teacher_urls={name: f"{served[toy].grpc_url}#name={name}" + (f"&tags={tags}" if tags else "")
                           for name, (toy, tags) in world.teachers.items()},
             judge_url=served[world.judge].grpc_url if world.judge else None, methods=world.methods,
-            student_cache=args.cache_dir / "bench-students", output=args.output, vision=world.vision,
+            student_cache=args.cache_dir / "bench-students", output=args.output, vision=world.vision, warm_start=world.warm_start,
         )
-        top1_mean, top1_sure = teacher_confidence(served[world.teachers[world.reference][0]].grpc_url, eval_rows)
+        no_teacher = (float("nan"), float("nan"))
+        top1_mean, top1_sure = teacher_confidence(served[world.teachers[world.reference][0]].grpc_url, eval_rows) if world.teachers else no_teacher
         for name in methods:
             results[name] = [accuracy_curve(bench, name, seed) for seed in args.seeds]
             stats[name] = [method_statistics(bench, name, seed) for seed in args.seeds]
             finals = ", ".join(f"{curve[args.steps]:.1%}" for curve in results[name])
             Console().print(f"{name}: {finals}  ({time.perf_counter() - started:.0f} s so far)")
 
-    teacher_accuracy = accuracies[world.reference]
+    teacher_accuracy = accuracies.get(world.reference, 0.0)
     header, rows = results_table(results, args.steps, teacher_accuracy)
     header, rows = [*header, f"Δ vs '{methods[0]}'", "method statistics (mean over logs and seeds)"], [
         [*row, gap_against(results[methods[0]], results[name], args.steps), summarise(stats[name])]
         for row, name in zip(rows, methods)
     ]
+    rollouts = {}
+    if world.target is not None:
+        rollouts = {name: {"steps_to_target": [steps_to_pass_rate(bench, name, seed, world.target) for seed in args.seeds],
+                           "late_pass_rate": [late_pass_rate(bench, name, seed) for seed in args.seeds]} for name in methods}
+        header, rows = [*header, f"steps to pass rate ≥ {world.target:.0%} (per seed)", "pass rate, last 50 steps"], [
+            [*row, rl_steps_text(rollouts[name]["steps_to_target"], args.steps), rl_rates_text(rollouts[name]["late_pass_rate"])]
+            for row, name in zip(rows, methods)
+        ]
     teachers_text = ", ".join(f"{name} {accuracy:.1%}" for name, accuracy in accuracies.items())
     run = run_settings(world.vision)
+    per_step = f"{RL['batch_size']} prompts x {RL['student_samples']} rollouts" if world.target is not None else f"{run['batch_size']} prompts"
+    start = f"from seed 0's student after {world.warm_start} steps of sft; " if world.warm_start else ""
+    teachers = (f"teachers (greedy): {teachers_text}; {world.reference}'s mean top-1 probability at answer tokens {top1_mean:.3f} "
+                f"(> 0.99 at {top1_sure:.1%} of them)") if world.teachers else "no teacher"
     title = (f"World '{args.world}'. Held-out accuracy ({args.eval_rows} problems, verifier: {run['verifier']}) after {args.steps} steps x "
-             f"{run['batch_size']} prompts drawn from {args.train_rows} training rows, seeds {', '.join(map(str, args.seeds))}; "
-             f"teachers (greedy): {teachers_text}; {world.reference}'s mean top-1 probability at answer tokens {top1_mean:.3f} "
-             f"(> 0.99 at {top1_sure:.1%} of them)")
+             f"{per_step} drawn from {args.train_rows} training rows, {start}seeds {', '.join(map(str, args.seeds))}; {teachers}")
     table = Table(*header, title=title)
     for row in rows:
         table.add_row(*row)
@@ -352,8 +420,22 @@ def main() -> None:
          "teacher_accuracy": teacher_accuracy, "teacher_accuracies": accuracies,
          "teacher_top1_probability": top1_mean, "teacher_top1_above_0.99": top1_sure,
          "accuracy_by_step": {name: [{str(k): v for k, v in curve.items()} for curve in curves] for name, curves in results.items()},
-         "method_statistics": stats},
+         "method_statistics": stats, "warm_start": world.warm_start, "target_pass_rate": world.target, "rollouts": rollouts},
         indent=1))
+
+
+def rl_steps_text(steps: list[int | None], budget: int) -> str:
+    """'120 / 80 / not in 300', then the mean and spread over the seeds that reached the target."""
+    reached = [s for s in steps if s is not None]
+    per_seed = " / ".join(str(s) if s is not None else f"not in {budget}" for s in steps)
+    if not reached:
+        return per_seed
+    spread = statistics.stdev(reached) if len(reached) > 1 else 0.0
+    return f"{per_seed} (mean {statistics.mean(reached):.0f} ± {spread:.0f} over {len(reached)})"
+
+
+def rl_rates_text(rates: list[float]) -> str:
+    return f"{mean_std(rates)} ({' / '.join(f'{r:.1%}' for r in rates)})"
 
 
 def _with_tasks(rows: list[dict], tasks: bool) -> list[dict]:

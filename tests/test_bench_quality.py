@@ -40,3 +40,21 @@ def test_the_quality_bench_measures_each_row_and_reuses_finished_runs(tmp_path, 
     run_bench(tmp_path, toy_cache_dir)
     assert [path.stat().st_mtime_ns for path in metrics] == written  # finished runs are read back, not trained again
     assert json.loads((tmp_path / "out" / "results.json").read_text())["accuracy_by_step"] == curves
+
+
+def test_the_rl_world_warms_the_student_up_once_and_reports_steps_to_the_target_pass_rate(tmp_path, toy_cache_dir):
+    command = [
+        sys.executable, str(BENCH), "--world", "rl", "--steps", "4", "--warm-start", "8", "--seeds", "0", "--eval-rows", "8",
+        "--train-rows", "64", "--methods", "grpo", "--output", str(tmp_path / "out"), "--cache-dir", str(toy_cache_dir),
+    ]
+    subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}, check=True)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["warm_start"] == 8 and results["target_pass_rate"] == 0.5
+    rollouts = results["rollouts"]["grpo"]
+    assert rollouts["steps_to_target"] == [None]  # 8 steps of sft leave every sample wrong
+    assert rollouts["late_pass_rate"] == [0.0]
+    warm = [json.loads(line) for line in (tmp_path / "out" / "warm-start-8-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert warm[-1]["step"] == 8
+    grpo = json.loads((tmp_path / "out" / "grpo-seed0" / "config.json").read_text())
+    assert grpo["student"] == str(tmp_path / "out" / "warm-start-8-seed0" / "final") and grpo["method"] == "grpo"
+    assert "| grpo |" in (tmp_path / "out" / "quality.md").read_text() and "not in 4" in (tmp_path / "out" / "quality.md").read_text()
