@@ -12,14 +12,14 @@ pass or all fail carries no signal and is dropped. One update per batch of rollo
 importance ratio of PPO-style clipping is 1 and is left out; no KL term to a reference model.
 
 visd (structured self-distillation with direction–magnitude decoupling, after VISD and RLSD,
-Yang et al. 2026, "Self-Distilled RLVR") keeps the direction of every rollout's update from A_i
+Yang et al. 2026, "Self-Distilled RLVR", arXiv 2604.03128) keeps the direction of every rollout's update from A_i
 and takes each token's magnitude from a teacher shown privileged feedback f_i: a judge scores
 the rollout on quality dimensions (correctness, consistency, grounding: `visd_judge`), and the
 teacher (the student's EMA, `--teacher ema`, or any teacher with its tokenizer) scores the
 rollout's tokens under `visd_teacher_prompt`, which carries those scores. With
 
     Δ_i,t = sg[log π_T(y_i,t | x ⊕ f_i, y_i,<t) − log π_θ(y_i,t | x, y_i,<t)]   (teacher − student gap)
-    ḡ     = mean of |Δ_i,t| over the micro-batch's tokens                          (normalisation)
+    ḡ     = mean of |Δ_i,t| over the tokens of the micro-batch's rollouts with A_i ≠ 0 (normalisation)
     m_i,t = clip(exp(sign(A_i) · Δ_i,t / ḡ), 1 − ε, 1 + ε)                          (ε = `visd_clip`)
     J(θ)  = (1/N) Σ_i Σ_t A_i · m_i,t · log π_θ(y_i,t | x, y_i,<t)
 
