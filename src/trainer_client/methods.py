@@ -188,7 +188,7 @@ async def attach_teacher_distributions(
     temperature = config.temperature if temperature is None else temperature
     wanted: dict[str, list[tuple[Candidate, list[int], list[int]]]] = defaultdict(list)
     for group, names in zip(groups, teachers_per_group):
-        for candidate in group.candidates:
+        for candidate in _scorable(group):
             prompt, target = group.fit(tokens, candidate.target_ids)
             if candidate.teacher_prompt_ids is not None:  # the target is already cut to fit: only this prompt's start goes
                 prompt, _ = tokens.fit(candidate.teacher_prompt_ids, target)
@@ -207,7 +207,7 @@ async def attach_teacher_distributions(
         for (candidate, _, _), result in zip(wanted[name], response.results):
             per_candidate[id(candidate)].append((name, result))
     for group in groups:
-        for candidate in group.candidates:
+        for candidate in _scorable(group):
             scored = per_candidate[id(candidate)]
             ids = [torch.from_numpy(r.top_ids.astype(np.int64)) for _, r in scored]
             logprobs = [torch.from_numpy(r.top_logprobs) for _, r in scored]
@@ -218,3 +218,8 @@ async def attach_teacher_distributions(
                 ids, logprobs, token_logprobs = [mixed_ids], [mixed_logprobs], [mix_token_logprobs(token_logprobs, weights)]
             candidate.teacher_ids, candidate.teacher_logprobs = ids[0].numpy(), logprobs[0].numpy()
             candidate.teacher_token_logprobs = token_logprobs[0].numpy()
+
+
+def _scorable(group: PromptGroup) -> list[Candidate]:
+    """The candidates with at least one token (a student sample of padding only has none, and is never an example)."""
+    return [candidate for candidate in group.candidates if candidate.target_ids]

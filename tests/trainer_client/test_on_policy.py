@@ -27,7 +27,7 @@ from trainer_client.losses import (
     reverse_kl,
     sampled_reverse_kl,
 )
-from trainer_client.on_policy import SelfDistill, privileged_prompt
+from trainer_client.on_policy import OnPolicy, SelfDistill, privileged_prompt
 from trainer_client.pool import TeacherPool
 from trainer_client.samples import STUDENT, Candidate, PromptGroup, StudentTokens
 from trainer_client.student_model import load_tokenizer
@@ -205,6 +205,22 @@ def test_self_distill_scores_the_students_tokens_after_the_privileged_prompt(tmp
         direct = httpx.post(f"{served.http_url}/v1/score", json=body, timeout=60).json()["results"][0]
         np.testing.assert_allclose(candidate.teacher_token_logprobs, direct["token_logprobs"], rtol=1e-5)
         np.testing.assert_allclose(candidate.teacher_logprobs, direct["top_logprobs"], rtol=1e-5)
+
+
+def test_an_empty_student_sample_is_not_sent_for_scoring_and_never_an_example(student, data, served):
+    config = TrainConfig(student=student, data=str(data), teachers=[served.http_url], method="on-policy", top_k=3)
+    tokens = StudentTokens(load_tokenizer(student), config.max_seq_len)
+    row = Row(prompt="12+30=", completion="042")
+    group = PromptGroup(row, tokens.prompt(row.prompt), [Candidate([], "", STUDENT), Candidate(tokens.target("042"), "042", STUDENT)])
+
+    async def annotated():
+        async with await TeacherPool.connect([served.http_url], student_fingerprint=tokens.fingerprint) as pool:
+            method = OnPolicy(config, tokens, pool)
+            return method.select(await method.annotate([row], [group], 0), None)
+
+    examples = asyncio.run(annotated())
+    assert group.candidates[0].teacher_token_logprobs is None
+    assert [e.target_ids for e in examples] == [tokens.target("042")] and len(examples[0].teacher_token_logprobs) == 4
 
 
 def test_self_distill_with_an_ema_self_teacher_runs_end_to_end(tmp_path, student, data):
