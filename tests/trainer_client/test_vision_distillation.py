@@ -14,7 +14,7 @@ from trainer_client.config import TrainConfig
 from trainer_client.report import read_metrics
 from trainer_client.trainer import train
 
-QUICK_TEACHER = {"steps": 40, "train_rows": 64, "hidden_size": 32, "heads": 2, "vision_width": 32, "vision_depth": 1}
+QUICK_TEACHER = {"steps": 10, "batch_size": 8, "train_rows": 24, "hidden_size": 32, "heads": 2, "vision_width": 32, "vision_depth": 1}
 
 
 @pytest.fixture(scope="module")
