@@ -19,6 +19,8 @@ from potstill.cli import build_parser
 from potstill.toy.arithmetic import make_rows, write_jsonl
 from potstill.toy.models import build_tiny_model
 from potstill.toy.world import load
+from teacher_service.config import ServeOptions
+from teacher_service.testing import BackgroundTeacher
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.judges import rule_scores
@@ -162,3 +164,13 @@ def test_train_help_documents_the_grpo_and_visd_settings():
                  "--curriculum-pool", "--student-samples"):
         assert flag in text
     assert "grpo: policy gradient on the student's samples" in text and "visd: grpo whose per-token magnitudes" in text
+
+
+def test_visd_feedback_can_come_from_a_served_judge_on_the_configured_rubrics(student, data, tmp_path):
+    options = ServeOptions(model=student, http_port=0, grpc_port=0)
+    with BackgroundTeacher(options) as judge:
+        logs = _train(student, data, tmp_path / "run", method="visd", teachers=["ema"], steps=2, visd_judge="model",
+                      judges=[judge.grpc_url], judge_rubrics={"sense": "{prompt}{completion} sense?"})
+    for line in logs:
+        assert 0.0 < line["judge/sense"] < 1.0 and "judge/correctness" not in line  # the rubric's dimension, not the rules'
+        assert 0.5 <= line["visd/magnitude"] <= 1.5
