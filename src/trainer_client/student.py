@@ -55,12 +55,12 @@ class StudentView:
         return {name: tensor.to(self.device) for name, tensor in inputs.items()}
 
     def _candidate(self, ids: list[int]) -> Candidate:
-        """Cut after the first EOS (kept, so the student learns to stop) and drop padding."""
-        eos, pad = self.tokens.eos_id, self.tokens.tokenizer.pad_token_id
+        """Cut after the first EOS (kept, so the student learns to stop). `generate` pads a row only
+        after its EOS, so a row without one holds sampled tokens only, padding id included: the
+        student may sample that id, and a policy gradient must see it to push it down."""
+        eos = self.tokens.eos_id
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
-        else:
-            ids = [t for t in ids if t != pad]
         return Candidate(target_ids=ids, text=self.tokens.text(ids), author=STUDENT)
 
     def mean_logprobs(self, examples: list[Example]) -> list[float]:

@@ -30,6 +30,7 @@ from trainer_client.losses import (
 from trainer_client.on_policy import OnPolicy, SelfDistill, privileged_prompt
 from trainer_client.pool import TeacherPool
 from trainer_client.samples import STUDENT, Candidate, PromptGroup, StudentTokens
+from trainer_client.student import StudentView
 from trainer_client.student_model import load_tokenizer
 from trainer_client.trainer import train
 
@@ -221,6 +222,14 @@ def test_an_empty_student_sample_is_not_sent_for_scoring_and_never_an_example(st
     examples = asyncio.run(annotated())
     assert group.candidates[0].teacher_token_logprobs is None
     assert [e.target_ids for e in examples] == [tokens.target("042")] and len(examples[0].teacher_token_logprobs) == 4
+
+
+def test_a_sampled_padding_id_stays_in_the_sample_and_text_after_eos_goes(student):
+    tokens = StudentTokens(load_tokenizer(student), 64)
+    pad, eos = tokens.tokenizer.pad_token_id, tokens.eos_id
+    view = StudentView(None, tokens)
+    assert view._candidate([pad, 30, pad]).target_ids == [pad, 30, pad]  # no EOS: generate padded nothing
+    assert view._candidate([30, eos, pad, pad]).target_ids == [30, eos]
 
 
 def test_self_distill_with_an_ema_self_teacher_runs_end_to_end(tmp_path, student, data):
