@@ -182,7 +182,7 @@ async def attach_teacher_distributions(
     temperature: float | None = None,
 ) -> None:
     """Each group's teachers score its candidates (as the student fits them), after a candidate's
-    `teacher_prompt_ids` where it has them (privileged context), else after the group's prompt. Each
+    `teacher_prompt` where it has one (privileged context), else after the group's prompt. Each
     candidate keeps the top-k at every target position and the log-prob of its own tokens; with
     several teachers, their mixtures by weight."""
     temperature = config.temperature if temperature is None else temperature
@@ -190,8 +190,8 @@ async def attach_teacher_distributions(
     for group, names in zip(groups, teachers_per_group):
         for candidate in _scorable(group):
             prompt, target = group.fit(tokens, candidate.target_ids)
-            if candidate.teacher_prompt_ids is not None:  # the target is already cut to fit: only this prompt's start goes
-                prompt, _ = tokens.fit(candidate.teacher_prompt_ids, target)
+            if candidate.teacher_prompt is not None:
+                prompt = fitted_teacher_prompt(tokens, candidate.teacher_prompt, target)
             elif group.row.has_media:  # the media travel as parts of the chat turns, which the teacher renders (whatever the student sees)
                 prompt = group.teacher_prompt()
             for name in names:
@@ -218,6 +218,12 @@ async def attach_teacher_distributions(
                 ids, logprobs, token_logprobs = [mixed_ids], [mixed_logprobs], [mix_token_logprobs(token_logprobs, weights)]
             candidate.teacher_ids, candidate.teacher_logprobs = ids[0].numpy(), logprobs[0].numpy()
             candidate.teacher_token_logprobs = token_logprobs[0].numpy()
+
+
+def fitted_teacher_prompt(tokens: StudentTokens, prompt: list[int] | list[dict], target: list[int]) -> list[int] | list[dict]:
+    """A candidate's own teacher prompt before its (already fitted) target: ids cut so that only the
+    prompt's start goes; chat turns carrying pictures whole, as a group's prompt with media is kept."""
+    return prompt if prompt and isinstance(prompt[0], dict) else tokens.fit(prompt, target)[0]
 
 
 def _scorable(group: PromptGroup) -> list[Candidate]:

@@ -29,6 +29,7 @@ import random
 
 from trainer_client.data import Row
 from trainer_client.judges import Judge
+from trainer_client.media import teacher_messages
 from trainer_client.methods import REFERENCE, Method, attach_teacher_distributions, step_seed
 from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.student import StudentView
@@ -61,6 +62,18 @@ def privileged_prompt(template: str, row: Row, candidate: Candidate, verdict: bo
         values[name] = value
     values["verdict"] = "correct" if verdict else "incorrect"
     return template.format(**values)
+
+
+def privileged_teacher_prompt(tokens: StudentTokens, row: Row, text: str) -> list[int] | list[dict]:
+    """What the teacher scores a sample after under privileged context: `text` (a filled template)
+    in place of the row's question (a chat row's last turn), as the student's token ids; for a row
+    with images or video, chat turns carrying them (`media.teacher_messages`), so the teacher sees
+    the pictures with the privileged text."""
+    turns = row.prompt
+    prompt = text if isinstance(turns, str) else [*turns[:-1], turns[-1].model_copy(update={"content": text})]
+    if row.has_media:
+        return teacher_messages(row.model_copy(update={"prompt": prompt}))
+    return tokens.prompt(prompt)
 
 
 class OnPolicy(Method):
@@ -108,9 +121,10 @@ class OnPolicy(Method):
 
 
 class SelfDistill(OnPolicy):
-    """On-policy, with the teacher scoring each sample after `privileged_prompt(...)` (its ids in the
-    student's tokenizer, which a white-box teacher shares); a chat row's last turn is replaced by
-    the rendered template, so the teacher sees the same chat format."""
+    """On-policy, with the teacher scoring each sample after `privileged_teacher_prompt(...)` (its ids
+    in the student's tokenizer, which a white-box teacher shares; chat turns with the pictures for a
+    row that has them); a chat row's last turn is replaced by the rendered template, so the teacher
+    sees the same chat format."""
 
     def __init__(self, config, tokens, source):
         super().__init__(config, tokens, source)
@@ -123,6 +137,4 @@ class SelfDistill(OnPolicy):
             for candidate in group.candidates:
                 verdict = bool(candidate.reward) if self.verify else None
                 text = privileged_prompt(self.config.privileged_template, group.row, candidate, verdict)
-                turns = group.row.prompt
-                prompt = text if isinstance(turns, str) else [*turns[:-1], turns[-1].model_copy(update={"content": text})]
-                candidate.teacher_prompt_ids = self.tokens.prompt(prompt)
+                candidate.teacher_prompt = privileged_teacher_prompt(self.tokens, group.row, text)

@@ -53,7 +53,9 @@ class Candidate:
     teacher_logprobs: np.ndarray | None = None  # float [len(fitted target), K]
     teacher_token_logprobs: np.ndarray | None = None  # float [len(fitted target)]: of the candidate's own tokens
     reward: float = 0.0
-    teacher_prompt_ids: list[int] | None = None  # what teachers score it after, when not the group's prompt (privileged context)
+    # What teachers score it after, when not the group's prompt (privileged context): student ids,
+    # or for a row with pictures chat turns carrying them (`on_policy.privileged_teacher_prompt`).
+    teacher_prompt: list[int] | list[dict] | None = None
     student_token_logprobs: np.ndarray | None = None  # float [len(fitted target)]: the student's own, when it sampled it
     advantages: np.ndarray | None = None  # float [len(fitted target)], set by a policy-gradient method's select
 

@@ -46,8 +46,8 @@ from trainer_client.checkpoints import CheckpointPart
 from trainer_client.config import TrainConfig
 from trainer_client.data import Row
 from trainer_client.judges import JUDGE_TAG, Judge, rule_scores
-from trainer_client.methods import Method, step_seed
-from trainer_client.on_policy import privileged_prompt, student_rollouts
+from trainer_client.methods import Method, fitted_teacher_prompt, step_seed
+from trainer_client.on_policy import privileged_prompt, privileged_teacher_prompt, student_rollouts
 from trainer_client.samples import Candidate, Example, PromptGroup, StudentTokens
 from trainer_client.source import TeacherSource
 from trainer_client.student import StudentView
@@ -195,16 +195,18 @@ class VISD(GRPO):
                 for candidate in group.candidates:
                     candidate.scores = rule_scores(candidate.text, group.row.answer, self.verify, self.extract)
         pairs = [(group, candidate) for group in rollout for candidate in group.candidates]
-        sequences = [{"prompt": self.tokens.fit(self.privileged_prompt_ids(g, c), self._fitted(g, c))[0], "completion": self._fitted(g, c)}
+        sequences = [{"prompt": fitted_teacher_prompt(self.tokens, self.teacher_prompt(g, c), self._fitted(g, c)), "completion": self._fitted(g, c)}
                      for g, c in pairs]
         response = await self.source.score(self.teacher, {"sequences": sequences, "top_logprobs": 0, "temperature": 1.0})
         for (_, candidate), result in zip(pairs, response.results):
             candidate.teacher_token_logprobs = np.asarray(result.token_logprobs, dtype=np.float32)
         return rollout
 
-    def privileged_prompt_ids(self, group: PromptGroup, candidate: Candidate) -> list[int]:
-        """`visd_teacher_prompt` filled for `candidate` (`on_policy.privileged_prompt`: the judge's scores as {feedback})."""
-        return self.tokens.prompt(privileged_prompt(self.config.visd_teacher_prompt, group.row, candidate, bool(candidate.reward)))
+    def teacher_prompt(self, group: PromptGroup, candidate: Candidate) -> list[int] | list[dict]:
+        """`visd_teacher_prompt` filled for `candidate` (`on_policy.privileged_prompt`: the judge's scores
+        as {feedback}), as the teacher receives it (`on_policy.privileged_teacher_prompt`)."""
+        text = privileged_prompt(self.config.visd_teacher_prompt, group.row, candidate, bool(candidate.reward))
+        return privileged_teacher_prompt(self.tokens, group.row, text)
 
     def select(self, groups: list[PromptGroup], student: StudentView) -> list[Example]:
         """Per-token advantages A_i · m_i,t over the micro-batch's rollouts (`decoupled_advantages`)."""

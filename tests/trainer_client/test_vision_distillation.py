@@ -11,6 +11,8 @@ import pytest
 from potstill.toy import vision
 from teacher_service.testing import TeacherProcess
 from trainer_client.config import TrainConfig
+from trainer_client.data import Row
+from trainer_client.on_policy import privileged_teacher_prompt
 from trainer_client.report import read_metrics
 from trainer_client.trainer import train
 
@@ -89,3 +91,44 @@ def test_a_distilled_vision_student_recovers_the_teacher_and_a_blind_one_does_no
     assert teacher > 0.8  # measured: 90.0%, the student 88.0% (97.8% of it), the blind student 27.3%
     assert curves["logit-kd forward KL"][0]["1600"] >= 0.9 * teacher
     assert curves["text-only student (no pixels), logit-kd"][0]["1600"] <= vision.CHANCE + 0.1
+
+
+@pytest.mark.parametrize("method", [
+    {"method": "multi-sample", "samples_per_prompt": 2, "select": "verifier"},
+    {"method": "guided", "student_samples": 2},
+    {"method": "on-policy", "student_samples": 2, "loss": "jsd"},
+])
+def test_student_sampling_methods_take_multimodal_rows(world, toy_cache_dir, method):
+    """The methods that sample (the teacher's samples, or the student's own scored by the teacher)
+    run on image and video rows: the pictures reach the student's sampling and every teacher request."""
+    student = str(vision.build_vision_student(toy_cache_dir / "quick"))
+    served = world["served"]
+    run = _run(world, f"student-{method['method']}", student=student, teachers=[served.grpc_url], **method)
+    losses = [m["loss"] for m in run["metrics"] if "loss" in m]
+    assert losses and all(loss == loss and loss >= 0 for loss in losses)  # finite (not NaN) on every logged step
+    traffic = run["traffic"][served.grpc_url]
+    assert traffic["requests"] >= 2 and traffic["refused"] == traffic["failures"] == 0
+
+
+def test_a_privileged_prompt_keeps_the_rows_pictures():
+    """Self-distill's and VISD's teacher is shown the privileged text together with the row's
+    images and video (as parts of its last user turn), not the text alone."""
+    with_video = next(Row.model_validate(r) for r in vision.make_rows(3, seed=0) if r.get("video"))
+    prompt = privileged_teacher_prompt(None, with_video, "Reference answer: left\n\nwhich way?")
+    parts = prompt[-1]["content"]
+    assert [part["type"] for part in parts] == ["video_url", "text"]
+    assert parts[-1]["text"] == "Reference answer: left\n\nwhich way?"
+    assert len(parts[0]["video_url"]["frames"]) == len(with_video.video)
+
+
+@pytest.mark.parametrize("method", [
+    {"method": "self-distill", "student_samples": 2, "privileged_template": "Reference answer: {reference}\n\n{prompt}"},
+    {"method": "visd", "student_samples": 2},
+])
+def test_privileged_methods_train_on_multimodal_rows(world, toy_cache_dir, method):
+    student = str(vision.build_vision_student(toy_cache_dir / "quick"))
+    served = world["served"]
+    run = _run(world, f"student-{method['method']}", student=student, teachers=[served.grpc_url], **method)
+    assert [m["loss"] for m in run["metrics"] if "loss" in m]
+    traffic = run["traffic"][served.grpc_url]
+    assert traffic["requests"] >= 2 and traffic["refused"] == traffic["failures"] == 0
