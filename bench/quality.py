@@ -305,7 +305,8 @@ def teacher_confidence(teacher_url: str, eval_rows: list[dict]) -> tuple[float, 
 
 
 def checkpoint_steps(steps: int) -> list[int]:
-    return [steps * (i + 1) // CHECKPOINTS for i in range(CHECKPOINTS)]
+    """The steps the table reports: the evaluations' (every steps // CHECKPOINTS) and the last."""
+    return [steps // CHECKPOINTS * (i + 1) for i in range(CHECKPOINTS - 1)] + [steps]
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
