@@ -63,12 +63,10 @@ class OpenAICompat:
         """n choices per prompt, in prompt order (vLLM's numbering of a batch)."""
         choices: list[Choice] = []
         template = ChatTemplateOptions(add_special_tokens=request.add_special_tokens)
-        for prompt_index, prompt in enumerate(request.prompts):
+        for prompt in request.prompts:
             prompt_ids = await self.service.prompt_ids(prompt, template)
             self._check_fits(prompt_ids, request.max_tokens, "prompt")
-            # echo with logprobs fills prompt_logprobs too, as vLLM asks its engine for them then.
-            prompt_k = request.prompt_logprobs if request.prompt_logprobs is not None else (request.logprobs if request.echo else None)
-            prompt_view = await self._prompt_view(prompt_ids, prompt_k)
+            prompt_view = await self._prompt_view(prompt_ids, _prompt_k(request, request.logprobs))
             # max_tokens=0 scores only: the prompt is echoed, nothing is generated.
             samples = await self._generate(prompt_ids, request, request.max_tokens, request.logprobs or 0) if request.max_tokens else [None] * request.n
             echo_text = ""
@@ -108,7 +106,7 @@ class OpenAICompat:
         prompt_ids = prompt.ids
         max_tokens = request.max_completion_tokens or request.max_tokens or 16
         self._check_fits(prompt_ids, max_tokens, "messages")
-        prompt_k = request.prompt_logprobs if request.prompt_logprobs is not None else (request.top_logprobs if request.echo else None)
+        prompt_k = _prompt_k(request, request.top_logprobs)
         if prompt_k is not None and prompt.media is not None:
             raise InvalidRequest("not available for prompts with images or videos", field="prompt_logprobs" if request.prompt_logprobs is not None else "echo")
         prompt_view = await self._prompt_view(prompt_ids, prompt_k)
@@ -203,15 +201,11 @@ class OpenAICompat:
         the prompt token first with its true rank in the vocabulary, then the top k."""
         if view is None:
             return None
-        entries: list[dict | None] = [None]
-        ranks = view.token_ranks.tolist() if view.token_ranks is not None else [None] * len(view.token_ids)
-        for position, (token_rank, row) in enumerate(zip(ranks, _chosen_first(view, view.top_ids.shape[1]))):
-            entry = {}
-            for token_id, logprob, rank in row:
-                rank = token_rank if token_id == int(view.token_ids[position]) else rank
-                entry[str(token_id)] = {"logprob": max(logprob, LOWEST_LOGPROB), "rank": rank, "decoded_token": self._token_text(token_id)}
-            entries.append(entry)
-        return entries
+        return [None] + [
+            {str(token_id): {"logprob": max(logprob, LOWEST_LOGPROB), "rank": rank, "decoded_token": self._token_text(token_id)}
+             for token_id, logprob, rank in row}
+            for row in _chosen_first(view, view.top_ids.shape[1])
+        ]
 
     def _chat_logprobs(self, sample: Sample, k: int) -> list[dict[str, Any]]:
         """Chat `logprobs.content`: per token its text, log-prob, bytes and `top_logprobs`: the chosen
@@ -257,10 +251,7 @@ class OpenAICompat:
         events = []
         for choice, shaped in zip(choices, body["choices"]):
             echoed_tokens = len(choice.prompt_ids) if request.echo else 0
-            for text, logprobs, last in self._token_events(choice, request, shaped["logprobs"], echoed_tokens):
-                events.append({"index": choice.index, "text": text, "logprobs": logprobs,
-                               "finish_reason": shaped["finish_reason"] if last else None,
-                               "stop_reason": shaped["stop_reason"] if last else None})
+            events += [{"index": choice.index, "text": text, **rest} for text, rest in self._token_events(choice, request, shaped, echoed_tokens)]
         return self._events(request, body, "text_completion", events)
 
     async def chat_completions_stream(self, request: ChatCompletionRequest) -> Iterator[str]:
@@ -269,23 +260,24 @@ class OpenAICompat:
         events = []
         for choice, shaped in zip(choices, body["choices"]):
             events.append({"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            for text, logprobs, last in self._token_events(choice, request, shaped["logprobs"], 0):
-                events.append({"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
-                               "finish_reason": shaped["finish_reason"] if last else None,
-                               "stop_reason": shaped["stop_reason"] if last else None})
+            events += [{"index": choice.index, "delta": {"content": text}, **rest} for text, rest in self._token_events(choice, request, shaped, 0)]
         return self._events(request, body, "chat.completion.chunk", events)
 
     def _token_events(
-        self, choice: Choice, request: OpenAIRequest, logprobs: dict[str, Any] | None, echoed_tokens: int,
-    ) -> Iterator[tuple[str, dict[str, Any] | None, bool]]:
-        """(text, log-probs, last) per event of one choice: the echo with the first token, then one
-        event per token; the texts join into the choice's text, the log-prob slices into its log-probs."""
+        self, choice: Choice, request: OpenAIRequest, shaped: dict[str, Any], echoed_tokens: int,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(text, the rest of the event) per event of one `shaped` choice: the echo with the first
+        token, then one event per token; the texts join into the choice's text, the log-prob slices
+        into its log-probs, and the last event carries its finish and stop reasons."""
         pieces = self._token_texts(choice.sample, request.skip_special_tokens) if choice.sample is not None else []
         pieces = [choice.echo_text + (pieces[0] if pieces else "")] + pieces[1:]
         bounds = [0, echoed_tokens + (1 if choice.sample is not None else 0)]
         bounds += [bounds[-1] + i for i in range(1, len(pieces))]
         for index, text in enumerate(pieces):
-            yield text, _sliced(logprobs, bounds[index], bounds[index + 1]), index == len(pieces) - 1
+            last = index == len(pieces) - 1
+            yield text, {"logprobs": _sliced(shaped["logprobs"], bounds[index], bounds[index + 1]),
+                         "finish_reason": shaped["finish_reason"] if last else None,
+                         "stop_reason": shaped["stop_reason"] if last else None}
 
     def _token_texts(self, sample: Sample, skip_special_tokens: bool) -> list[str]:
         """The sample's text cut at its tokens: piece i holds what token i completed (a token that
@@ -312,13 +304,23 @@ class OpenAICompat:
         yield "data: [DONE]\n\n"
 
 
+def _prompt_k(request: OpenAIRequest, k: int | None) -> int | None:
+    """The top-k wanted along the prompt: `prompt_logprobs`, or with `echo` the answer's own k (vLLM
+    asks its engine for prompt log-probs then, and fills `prompt_logprobs` with them)."""
+    return request.prompt_logprobs if request.prompt_logprobs is not None else (k if request.echo else None)
+
+
 def _chosen_first(view: TokenDistributions, k: int) -> list[list[tuple[int, float, int | None]]]:
     """Per position: (id, log-prob, rank) of the actual token first, then of the top k in rank order
-    without it again — vLLM's order. The actual token's rank is known here only inside the top k."""
+    without it again — vLLM's order. The actual token's rank is its true one where the view carries
+    ranks (scores), else known only inside the top k (samples)."""
+    ranks = view.token_ranks.tolist() if isinstance(view, ScoredSequence) and view.token_ranks is not None else None
     rows = []
-    for token_id, token_lp, ids, lps in zip(view.token_ids.tolist(), view.token_logprobs.tolist(), view.top_ids[:, :k].tolist(), view.top_logprobs[:, :k].tolist()):
+    for position, (token_id, token_lp, ids, lps) in enumerate(zip(
+        view.token_ids.tolist(), view.token_logprobs.tolist(), view.top_ids[:, :k].tolist(), view.top_logprobs[:, :k].tolist()
+    )):
         ranked = list(zip(ids, lps, range(1, len(ids) + 1)))
-        own_rank = next((rank for i, _, rank in ranked if i == token_id), None)
+        own_rank = ranks[position] if ranks is not None else next((rank for i, _, rank in ranked if i == token_id), None)
         rows.append([(token_id, token_lp, own_rank)] + [entry for entry in ranked if entry[0] != token_id])
     return rows
 
