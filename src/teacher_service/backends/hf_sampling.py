@@ -155,15 +155,18 @@ class RowStops(StoppingCriteria):
         width = max(len(e) for e in ends)
         self.end_ids = torch.tensor([e + [-1] * (width - len(e)) for e in ends], device=device)  # [R, E], -1: none
         self.decode = decode
+        # Rows that ended stay ended (as the loop keeps them): their text is not decoded again each step.
+        self.ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.prompt_width :]
-        done = new.shape[1] >= self.max_tokens
+        done = self.ended | (new.shape[1] >= self.max_tokens)
         done |= (new[:, -1:] == self.end_ids).any(dim=-1)
         for row, params in enumerate(self.rows):
             if params.stop and not done[row]:
                 text = self.decode(new[row].tolist(), skip_special_tokens=params.skip_special_tokens)
                 done[row] = any(stop in text for stop in params.stop)
+        self.ended = done
         return done
 
 
