@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from potstill.toy import vlm
-from potstill.toy.world import _build_lock, _is_cached, _start_fresh, _warmup_cosine, _write_marker
+from potstill.toy.world import _build_lock, _is_cached, _start_fresh, _write_marker, fit
 from trainer_client import evaluation
 from trainer_client.data import Row
 from trainer_client.samples import Example, StudentTokens
@@ -237,20 +237,12 @@ def train_vision(
     tokens = student_tokens(processor)
     examples = [_example(tokens, row) for row in rows]
     generator = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec.steps, min(50, spec.steps // 10 + 1)))
-    model.train()
-    losses = []
-    for step in range(1, spec.steps + 1):
+
+    def step_loss() -> torch.Tensor:
         batch = collate(generator.sample(examples, min(spec.batch_size, len(examples))), processor.tokenizer.pad_token_id)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.media).logits[:, :-1]
-        loss = F.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask])
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
+        return F.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask])
+
+    losses = fit(model, spec.steps, spec.lr, min(50, spec.steps // 10 + 1), step_loss, on_step)
     model.eval()
     return losses

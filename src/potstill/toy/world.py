@@ -222,16 +222,31 @@ def train_supervised(
     """
     tensors = [t.to(model.device) for t in encode_rows(tokenizer, rows)]  # input_ids, mask, labels
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(100, steps // 10 + 1)  # short runs (tests) still get a warmup
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup))
+
+    def step_loss() -> torch.Tensor:
+        batch = torch.randint(len(rows), (batch_size,), generator=generator).to(model.device)
+        input_ids, attention_mask, labels = (t[batch] for t in tensors)  # [batch_size, width] each
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
     was_training = model.training
+    losses = fit(model, steps, lr, min(100, steps // 10 + 1), step_loss, on_step)  # short runs (tests) still get a warmup
+    model.train(was_training)
+    return losses
+
+
+def fit(
+    model: torch.nn.Module, steps: int, lr: float, warmup: int, step_loss: Callable[[], torch.Tensor],
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """`steps` AdamW updates (betas 0.9 / 0.98, weight decay 0.01) of `step_loss()` under `warmup`
+    steps then a cosine, the model in train mode; returns the losses. `on_step(step, loss)` runs
+    after every update. The toy worlds' teachers and students are all trained by it."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warmup))
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        batch = torch.randint(len(rows), (batch_size,), generator=generator).to(model.device)
-        input_ids, attention_mask, labels = (t[batch] for t in tensors)  # [batch_size, width] each
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss = step_loss()
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -239,5 +254,4 @@ def train_supervised(
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-    model.train(was_training)
     return losses
